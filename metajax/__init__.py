@@ -1,0 +1,29 @@
+"""metajax: gradient-based meta-learning in JAX, as pure functions.
+
+Public API, flat::
+
+    import metajax as mj
+    learner = mj.maml(loss_fn, inner_lr=0.01, inner_steps=1)
+    grads, metrics = learner.meta_grad(meta_params, mj.Task(support, query))
+"""
+
+from metajax import inner
+from metajax.meta import MetaSGDParams, anil, head_mask, maml, metasgd, reptile
+from metajax.types import Batch, Learner, LossFn, PyTree, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "Learner",
+    "LossFn",
+    "MetaSGDParams",
+    "PyTree",
+    "Task",
+    "anil",
+    "head_mask",
+    "inner",
+    "maml",
+    "metasgd",
+    "reptile",
+]

@@ -1,0 +1,1 @@
+"""Datasets and on-device task samplers."""

@@ -1,0 +1,57 @@
+"""Pieces every meta-learner shares: argument checks and the task-averaged meta-gradient."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from metajax.inner import task_axis_mean
+from metajax.types import PyTree, Task
+
+
+def check_positive_number(name: str, value) -> None:
+    """Reject a non-positive Python number early; traced values pass (they are the caller's)."""
+    if isinstance(value, bool) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Real)
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, numbers.Real) and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def check_steps(name: str, value, minimum: int = 1) -> None:
+    """Reject anything but a Python int >= ``minimum`` (the scan length must be static)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
+
+
+def loss_and_aux(loss_fn, has_aux: bool):
+    """``loss_fn`` normalised to return ``(loss, aux)`` (``aux`` is ``None`` without aux)."""
+    if has_aux:
+        return loss_fn
+    return lambda params, batch: (loss_fn(params, batch), None)
+
+
+def averaged_meta_grad(
+    task_objective: Callable[[PyTree, Task], tuple[jax.Array, dict]],
+    meta_params: PyTree,
+    tasks: Task,
+) -> tuple[PyTree, dict]:
+    """Gradient of the mean of ``task_objective`` over the leading task axis of ``tasks``.
+
+    ``task_objective(meta_params, task) -> (query_loss, metrics)`` handles one task; it is
+    vmapped over tasks and the mean loss is differentiated once, so per-task gradients are
+    never materialised.
+    """
+
+    def batch_objective(mp):
+        losses, metrics = jax.vmap(task_objective, in_axes=(None, 0))(mp, tasks)
+        return jnp.mean(losses), metrics
+
+    (meta_loss, metrics), grads = jax.value_and_grad(batch_objective, has_aux=True)(meta_params)
+    metrics = task_axis_mean(metrics)
+    metrics["meta_loss"] = meta_loss
+    return grads, metrics

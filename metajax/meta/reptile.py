@@ -1,0 +1,62 @@
+"""Reptile: move the initialisation toward the parameters each task adapts to.
+
+Nichol, Achiam and Schulman, 2018, "On First-Order Meta-Learning Algorithms".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from metajax import inner
+from metajax.meta._common import check_positive_number, check_steps, loss_and_aux
+from metajax.types import Learner, LossFn, PyTree, Task
+
+
+def reptile(
+    loss_fn: LossFn,
+    inner_lr: float,
+    inner_steps: int = 5,
+    *,
+    has_aux: bool = False,
+) -> Learner:
+    """Reptile (Nichol et al., 2018), batched version.
+
+    Each task runs ``inner_steps`` SGD steps on its support set from the meta-parameters
+    ``theta`` to ``phi_i``. The meta-gradient is ``theta - mean_i(phi_i)``, so an optax
+    ``sgd(epsilon)`` outer step gives the paper's update
+    ``theta <- theta + epsilon * mean_i(phi_i - theta)``; any other optax optimiser (Adam, as in
+    the paper's few-shot experiments) treats it as a gradient. The reported ``meta_loss`` is
+    the query loss at ``phi_i`` (not an objective Reptile differentiates).
+
+    Args as :func:`metajax.maml`.
+    """
+    check_positive_number("inner_lr", inner_lr)
+    check_steps("inner_steps", inner_steps)
+    objective = loss_and_aux(loss_fn, has_aux)
+    rule = inner.sgd(inner_lr)
+    default_steps = inner_steps
+
+    def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
+        steps = default_steps if inner_steps is None else inner_steps
+        check_steps("inner_steps", steps, minimum=0)
+        return inner.adapt(loss_fn, meta_params, support, steps, rule, has_aux=has_aux)[0]
+
+    def one_task(meta_params: PyTree, task: Task):
+        fast_params, support_losses = inner.adapt(
+            loss_fn, meta_params, task.support, default_steps, rule, has_aux=has_aux
+        )
+        query_loss, aux = objective(fast_params, task.query)
+        metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
+        if has_aux:
+            metrics["aux"] = aux
+        return fast_params, metrics
+
+    def meta_grad(meta_params: PyTree, tasks: Task):
+        fast_params, metrics = jax.vmap(one_task, in_axes=(None, 0))(meta_params, tasks)
+        grads = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), meta_params, fast_params)
+        metrics = inner.task_axis_mean(metrics)
+        metrics["meta_loss"] = metrics["query_loss"]
+        return grads, metrics
+
+    return Learner(lambda params: params, adapt, meta_grad, lambda meta_params: meta_params)

@@ -1,0 +1,1 @@
+"""flax models used by the presets; algorithms never depend on them."""
