@@ -1,0 +1,1 @@
+"""Training: the jitted meta-step, evaluation, run directories and logs."""

@@ -1,0 +1,155 @@
+"""Run configurations: one flat, typed record whose field names are the ``--set`` keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+DATASETS = ("sinusoid",)
+OUTER_OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear")
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot start from; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a run. ``metajax train --set key=value`` sets any field.
+
+    Attributes:
+      preset: the preset this configuration started from.
+      dataset: ``sinusoid``.
+      algorithm: one of ``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``.
+      shots: support examples per task (K).
+      queries: query examples per task in training.
+      meta_batch_size: tasks per meta-step.
+      inner_lr: inner-loop step size (alpha); Meta-SGD's initial per-parameter rate.
+      inner_steps: inner-loop steps in training.
+      outer_lr: outer (meta) learning rate (beta).
+      outer_optimizer: ``adam`` or ``sgd``.
+      outer_lr_schedule: ``constant``, or ``linear`` decay to zero over the run.
+      steps: meta-steps (outer updates).
+      seed: seeds initialisation, tasks and everything random in the run.
+      hidden: width of each hidden layer of the MLP.
+      layers: number of hidden layers of the MLP.
+      log_every: meta-steps compiled into one call; metrics are logged once per call.
+      eval_every: meta-steps between validation evaluations (0: only at the end).
+      eval_tasks: tasks per validation evaluation.
+      eval_queries: query examples per task at evaluation (the test-time measure).
+    """
+
+    preset: str = "custom"
+    dataset: str = "sinusoid"
+    algorithm: str = "maml"
+    shots: int = 10
+    queries: int = 10
+    meta_batch_size: int = 25
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    outer_lr: float = 1e-3
+    outer_optimizer: str = "adam"
+    outer_lr_schedule: str = "constant"
+    steps: int = 70_000
+    seed: int = 0
+    hidden: int = 40
+    layers: int = 2
+    log_every: int = 100
+    eval_every: int = 5_000
+    eval_tasks: int = 100
+    eval_queries: int = 100
+
+    def validate(self) -> Config:
+        """Check every field; raise :class:`ConfigError` naming the field and the fix."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _field_type(f)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+        positive = [
+            "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
+            "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries",
+        ]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every!r}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed!r}")
+        for name, allowed in [
+            ("dataset", DATASETS),
+            ("algorithm", ALGORITHMS),
+            ("outer_optimizer", OUTER_OPTIMIZERS),
+            ("outer_lr_schedule", SCHEDULES),
+        ]:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
+        return self
+
+    def with_overrides(self, pairs: list[str]) -> Config:
+        """A copy with ``key=value`` strings applied, each value parsed to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got {pair!r}")
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown --set key {key!r}; valid keys: {', '.join(sorted(fields))}"
+                )
+            changes[key] = parse_value(key, _field_type(fields[key]), raw.strip())
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """The configuration as stable, indented JSON (what ``config.json`` holds)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Config:
+        """Read a ``config.json`` written by :meth:`to_json`; unknown keys are an error."""
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown configuration keys {unknown}")
+        return cls(**data).validate()
+
+
+def _field_type(field: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(Config)
+    kind = hints[field.name]
+    if isinstance(kind, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def parse_value(key: str, kind: type, raw: str):
+    """Parse ``raw`` as ``kind`` (int, float, str or bool), or raise :class:`ConfigError`."""
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError
+            return lowered in ("true", "1")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--set {key}={raw!r}: expected {kind.__name__}, e.g. {key}="
+            + {int: "5", float: "0.01", bool: "true"}[kind]
+        ) from None
+    return raw

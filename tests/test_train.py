@@ -1,0 +1,92 @@
+"""The training loop and the sinusoid task sampler."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metajax.data import sinusoid
+from metajax.presets import get_preset
+from metajax.presets.build import build_learner, build_optimizer, build_problem
+from metajax.train.checkpoint import load_params, save_params
+from metajax.train.loop import make_train_chunk, mean_ci95
+
+
+def test_sinusoid_tasks_ranges_and_shapes():
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(0), 2000, 5, 7)
+    xs, ys = tasks.support
+    xq, yq = tasks.query
+    assert xs.shape == ys.shape == (2000, 5, 1) and xq.shape == (2000, 7, 1)
+    x = np.concatenate([xs, xq], axis=1)
+    y = np.concatenate([ys, yq], axis=1)
+    assert x.min() >= -5.0 and x.max() <= 5.0 and x.min() < -4.9 and x.max() > 4.9
+    # With 12 points spread over [-5, 5] the largest |y| of a task is close to its amplitude.
+    peak = np.abs(y).max(axis=(1, 2))
+    assert peak.max() <= 5.0 and peak.max() > 4.8 and np.median(peak) > 1.5
+    same = sinusoid.sample_tasks(jax.random.PRNGKey(0), 2000, 5, 7)
+    np.testing.assert_array_equal(same.support[0], xs)
+
+
+def test_sinusoid_tasks_follow_the_sine_law():
+    tasks = sinusoid.sample_tasks(jax.random.PRNGKey(1), 50, 40, 0)
+    x, y = map(np.asarray, tasks.support)
+    # Fit A sin(x - phi) = a sin x + b cos x by least squares: the residual must vanish and
+    # the amplitude and phase fall in U[0.1, 5] x U[0, pi].
+    for t in range(50):
+        design = np.stack([np.sin(x[t, :, 0]), np.cos(x[t, :, 0])], 1)
+        coef, *_ = np.linalg.lstsq(design, y[t, :, 0], rcond=None)
+        np.testing.assert_allclose(design @ coef, y[t, :, 0], atol=1e-4)
+        amplitude = np.hypot(*coef)
+        phase = np.arctan2(-coef[1], coef[0])
+        assert 0.1 - 1e-4 <= amplitude <= 5.0 + 1e-4
+        assert -1e-4 <= phase <= np.pi + 1e-4
+
+
+def test_chunking_does_not_change_the_result():
+    config = dataclasses.replace(get_preset("sinusoid-maml"), meta_batch_size=4)
+    problem = build_problem(config)
+    learner = build_learner(config, problem.loss_fn)
+    optimizer = build_optimizer(config)
+
+    def sample(key):
+        return problem.sample_tasks(key, 4, 10, 10)
+
+    chunk = make_train_chunk(learner, optimizer, sample)
+    key = jax.random.PRNGKey(0)
+
+    def fresh():
+        params = learner.init(problem.init_params(key))
+        return params, optimizer.init(params)
+
+    params, state = fresh()
+    one, _, m1 = chunk(params, state, key, jnp.int32(0), 6)
+    params, state = fresh()
+    params, state, _ = chunk(params, state, key, jnp.int32(0), 2)
+    two, _, m2 = chunk(params, state, key, jnp.int32(2), 4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two)
+    np.testing.assert_allclose(m1["meta_loss"][2:], m2["meta_loss"], rtol=1e-5)
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    config = get_preset("sinusoid-metasgd")
+    problem = build_problem(config)
+    learner = build_learner(config, problem.loss_fn)
+    meta_params = learner.init(problem.init_params(jax.random.PRNGKey(0)))
+    path = save_params(tmp_path / "p.msgpack", meta_params)
+    other = learner.init(problem.init_params(jax.random.PRNGKey(1)))
+    restored = load_params(path, other)
+    jax.tree.map(np.testing.assert_array_equal, restored, meta_params)
+    wider = dataclasses.replace(config, hidden=8)
+    template = build_learner(wider, build_problem(wider).loss_fn).init(
+        build_problem(wider).init_params(jax.random.PRNGKey(0))
+    )
+    with pytest.raises(ValueError, match="p.msgpack"):
+        load_params(path, template)
+
+
+def test_mean_ci95():
+    figures = mean_ci95(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert figures["mean"] == 2.5
+    np.testing.assert_allclose(figures["ci95"], 1.96 * np.std([1, 2, 3, 4], ddof=1) / 2)
