@@ -1,0 +1,572 @@
+"""mini-ImageNet (Vinyals et al., 2016) with the Ravi & Larochelle (2017) class split.
+
+mini-ImageNet is 100 ImageNet classes with 600 colour images each, downsampled to 84x84.
+Vinyals et al. (2016, "Matching Networks for One Shot Learning") introduced it; the split used
+by MAML and most later work is the one of Ravi & Larochelle (2017, "Optimization as a Model for
+Few-Shot Learning"): 64 train, 16 val and 20 test classes, disjoint.
+
+metajax never downloads mini-ImageNet: its images are ImageNet (ILSVRC-2012) images, available
+only under ImageNet's terms of access. Put one of the two common distributions under
+``<data_dir>/miniimagenet/`` (``data_dir`` from :func:`metajax.data.sources.resolve_data_dir`,
+i.e. the argument, else ``$METAJAX_DATA_DIR``, else ``~/.cache/metajax``):
+
+(a) folder: ``images/<filename>`` plus ``train.csv``, ``val.csv``, ``test.csv``, each with
+    header ``filename,label`` (``label`` is the WordNet id, e.g. ``n01532829``; ``filename`` is
+    e.g. ``n0153282900000005.jpg``; a name without suffix gets ``.jpg``). Images are converted
+    to RGB; an image that is not 84x84 is resized to 84x84 with PIL's LANCZOS filter, the filter
+    of Ravi & Larochelle's preprocessing script, ignoring the aspect ratio as that script does.
+    The released images are usually already 84x84 and are then used unchanged. Decoding 60,000
+    JPEGs takes minutes, so the decoded arrays are cached as ``.npz`` (see below).
+(b) pickle caches: ``mini-imagenet-cache-{train,val,test}.pkl``, each a dict
+    ``{"image_data": uint8 [N, 84, 84, 3], "class_dict": {wnid: [indices into image_data]}}``.
+    They are read with a restricted unpickler (:func:`restricted_pickle_load`) that can build
+    numpy arrays and plain containers and nothing else, so a tampered file cannot run code.
+
+Result layout: per split a ``uint8`` array ``[classes, 600, 84, 84, 3]`` (HWC, RGB), the layout
+:mod:`metajax.data.episodes` samples from. Classes are sorted by WordNet id, so class ``i`` of a
+split is the same whichever distribution it came from; within a class, images keep the order
+of the CSV rows (folder) or of the ``class_dict`` index list (pickle).
+
+Folder cache: one ``miniimagenet-<split>-<key>.npz`` per split (arrays ``images`` and
+``wnids``), written through :func:`metajax.data.sources.atomic_save_npz` so a crash never
+leaves half a file. ``<key>`` is a SHA-256 of the cache format version, the target size and
+filter, the split's CSV bytes, and the name and byte size of every image it lists: editing the
+CSV or replacing an image with one of a different size makes a new cache. An image rewritten
+to the very same byte size is not detected; delete the cache directory to force a re-decode.
+The cache directory defaults to ``<data_dir>/miniimagenet/cache``; pass ``cache_dir`` where the
+data directory is read-only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from metajax.data.sources import atomic_save_npz, resolve_data_dir
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: Classes per split in the Ravi & Larochelle (2017) split.
+NUM_CLASSES: dict[str, int] = {"train": 64, "val": 16, "test": 20}
+IMAGES_PER_CLASS = 600
+IMAGE_SIZE = 84
+SUBDIR = "miniimagenet"
+PICKLE_NAME = "mini-imagenet-cache-{split}.pkl"
+# Bump when the cache content or layout changes, so old caches are not read as new ones.
+_CACHE_VERSION = "1"
+_RESAMPLE_NAME = "LANCZOS"
+
+_NO_DOWNLOAD = (
+    "metajax does not download mini-ImageNet: its images come from ImageNet (ILSVRC-2012) and "
+    "may only be obtained under ImageNet's terms of access (https://image-net.org). Get them "
+    "there, build the Ravi & Larochelle (2017) split, and place the files as described."
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Restricted unpickling
+# --------------------------------------------------------------------------------------------
+
+
+class ForbiddenPickleError(pickle.UnpicklingError):
+    """A pickle asked for something a mini-ImageNet cache never needs; nothing was run."""
+
+
+def _latin1_encode(obj: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    # Python 3 writes bytes under pickle protocols 0-2 as _codecs.encode(text, "latin1"); no
+    # other codec is needed, and refusing the rest keeps codec lookups out of reach.
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1") or errors != "strict":
+        raise ForbiddenPickleError(
+            f"_codecs.encode called with encoding={encoding!r}, errors={errors!r}; "
+            "only 'latin1' appears in numpy array pickles."
+        )
+    if not isinstance(obj, str):
+        raise ForbiddenPickleError(f"_codecs.encode expects str, got {type(obj).__name__}.")
+    return codecs.encode(obj, "latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    # Protocols 0-2 write b"" (the data of an empty array) as bytes(); bytes(n) with an
+    # attacker-chosen n would allocate n bytes, so arguments are refused.
+    if args:
+        raise ForbiddenPickleError(f"bytes{args!r} is not allowed; only bytes() is.")
+    return b""
+
+
+def _numpy_callables() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    # Taken from numpy's own reductions, so the right functions are found on numpy 1.x
+    # (numpy.core) and 2.x (numpy._core) alike without importing the deprecated module.
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    return reconstruct, frombuffer, scalar
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    reconstruct, frombuffer, scalar = _numpy_callables()
+
+    # Fresh wrappers rather than numpy's functions themselves: pickle's BUILD opcode can set
+    # attributes on any object it has, and it must not reach shared module-level objects.
+    def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise ForbiddenPickleError(
+                f"_reconstruct of {subtype!r} refused; only plain numpy.ndarray is allowed."
+            )
+        return reconstruct(subtype, shape, dtype)
+
+    def _frombuffer(*args: object) -> np.ndarray:
+        return frombuffer(*args)
+
+    def _scalar(*args: object) -> object:
+        return scalar(*args)
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+        # Python 3 writes "__builtin__" for protocols < 3; Python 2 always does.
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("builtins", "bytes"): _empty_bytes,
+    }
+    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; Python 2 caches use numpy.core.
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = _scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a numpy array pickle needs."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        # latin1 turns Python 2 byte strings (array data, dict keys) into str that numpy
+        # accepts back as bytes; Python 3 pickles contain no such strings, so it is harmless.
+        super().__init__(file, encoding="latin1")
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Every global a pickle refers to, also through EXT codes, is looked up here; the
+        # refusal happens before anything is imported or called.
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise ForbiddenPickleError(
+                f"forbidden global '{module}.{name}' in pickle: a mini-ImageNet cache may only "
+                "contain numpy arrays, dicts, lists, str, int and float. The file may be "
+                "tampered with or not a mini-ImageNet cache; nothing from it was run."
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ForbiddenPickleError(f"persistent id {pid!r} in pickle is not allowed.")
+
+
+def restricted_pickle_load(file: BinaryIO) -> Any:
+    """Unpickle ``file`` allowing only numpy arrays, numpy scalars and plain containers.
+
+    Accepts pickles written by Python 3 with protocols 0-5 under numpy 1.x or 2.x, and Python 2
+    pickles (read with ``encoding="latin1"``). Any other global (``os.system``, ``eval``, a
+    custom class, ...) raises :class:`ForbiddenPickleError` (a ``pickle.UnpicklingError``)
+    naming it, before it is imported or called. The result's structure is not checked here;
+    see :func:`validate_cache_structure`.
+    """
+    return _RestrictedUnpickler(file).load()
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    # Iterative walk with a visited set: a pickle can nest deeply or refer to itself.
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    seen: set[int] = set()
+    scalar_types = (str, int, float, np.integer, np.floating, np.bool_)
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, scalar_types):
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, np.ndarray):
+            if type(node) is not np.ndarray or node.dtype.hasobject:
+                raise ValueError(
+                    f"{path}: array of type {type(node).__name__} with dtype {node.dtype} is "
+                    "not allowed; mini-ImageNet caches hold plain numeric arrays."
+                )
+        elif type(node) is dict:
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"{path}: dict key {key!r} is not a str.")
+                stack.append((value, f"{path}[{key!r}]"))
+        elif type(node) in (list, tuple):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        else:
+            raise ValueError(
+                f"{path}: object of type {type(node).__name__} is not allowed; only dict, list, "
+                "tuple, str, int, float and numpy arrays are."
+            )
+
+
+def validate_cache_structure(obj: Any, where: str = "pickle") -> tuple[np.ndarray, dict]:
+    """Check an unpickled mini-ImageNet cache and return ``(image_data, class_dict)``.
+
+    Expects ``{"image_data": uint8 [N, 84, 84, 3], "class_dict": {wnid: indices}}`` where each
+    ``indices`` is a list/tuple/1-D array of ints in ``[0, N)`` and no index is used twice.
+    Raises ``ValueError`` naming ``where`` and the first problem found.
+    """
+    _check_plain(obj, where)
+    if type(obj) is not dict:
+        raise ValueError(f"{where}: expected a dict, got {type(obj).__name__}.")
+    expected = {"image_data", "class_dict"}
+    if set(obj) != expected:
+        raise ValueError(
+            f"{where}: expected keys {sorted(expected)}, got {sorted(obj)}; this does not look "
+            "like a mini-imagenet-cache-*.pkl file."
+        )
+    data = obj["image_data"]
+    want = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape[1:] != want:
+        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
+        raise ValueError(f"{where}: image_data must be uint8 [N, 84, 84, 3], got {desc}.")
+    class_dict = obj["class_dict"]
+    if type(class_dict) is not dict or not class_dict:
+        raise ValueError(f"{where}: class_dict must be a non-empty dict of wnid -> indices.")
+    n = data.shape[0]
+    checked: dict[str, np.ndarray] = {}
+    for wnid, idx in class_dict.items():
+        ints = type(idx) in (list, tuple) and all(
+            isinstance(i, int | np.integer) and not isinstance(i, bool | np.bool_) for i in idx
+        )
+        arr = np.asarray(idx, dtype=np.int64) if ints else idx
+        if (
+            not isinstance(arr, np.ndarray)
+            or arr.ndim != 1
+            or arr.size == 0
+            or not np.issubdtype(arr.dtype, np.integer)
+        ):
+            desc = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else repr(idx)[:80]
+            raise ValueError(
+                f"{where}: class_dict[{wnid!r}] must be a non-empty list of ints, got {desc}."
+            )
+        if arr.min() < 0 or arr.max() >= n:
+            raise ValueError(
+                f"{where}: class_dict[{wnid!r}] has indices in [{arr.min()}, {arr.max()}], "
+                f"outside image_data's [0, {n})."
+            )
+        checked[wnid] = arr.astype(np.int64)
+    every = np.concatenate(list(checked.values()))
+    if np.unique(every).size != every.size:
+        raise ValueError(f"{where}: class_dict uses some image index more than once.")
+    return data, checked
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by both sources
+# --------------------------------------------------------------------------------------------
+
+
+def _stack_classes(
+    per_class: dict[str, int], split: str, where: str, expect_counts: bool
+) -> tuple[list[str], int]:
+    """Sorted wnids and the common per-class count, after checking the counts."""
+    wnids = sorted(per_class)
+    if expect_counts and len(wnids) != NUM_CLASSES[split]:
+        raise ValueError(
+            f"{where}: {split} has {len(wnids)} classes, the Ravi & Larochelle split has "
+            f"{NUM_CLASSES[split]}. Use the standard split files, or pass expect_counts=False "
+            "for a custom subset."
+        )
+    counts = {per_class[w] for w in wnids}
+    if expect_counts and counts != {IMAGES_PER_CLASS}:
+        bad = [w for w in wnids if per_class[w] != IMAGES_PER_CLASS][:5]
+        raise ValueError(
+            f"{where}: every class must have {IMAGES_PER_CLASS} images; e.g. "
+            + ", ".join(f"{w} has {per_class[w]}" for w in bad)
+            + ". Pass expect_counts=False for a custom subset."
+        )
+    if len(counts) != 1:
+        raise ValueError(
+            f"{where}: classes of {split} have different image counts {sorted(counts)}; the "
+            "[classes, per_class, ...] array needs the same count for every class."
+        )
+    return wnids, counts.pop()
+
+
+def _not_found(root: Path, missing: Sequence[str]) -> FileNotFoundError:
+    files = "\n  ".join(missing)
+    return FileNotFoundError(
+        f"mini-ImageNet not found under {root}. Missing:\n  {files}\n"
+        f"Put either (a) images/ plus train.csv, val.csv, test.csv (header 'filename,label'), "
+        f"or (b) {PICKLE_NAME.format(split='{train,val,test}')} in {root} (set the directory "
+        f"with data_dir= or $METAJAX_DATA_DIR). {_NO_DOWNLOAD}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Pickle source
+# --------------------------------------------------------------------------------------------
+
+
+def _load_pickle_split(
+    root: Path, split: str, expect_counts: bool
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    path = root / PICKLE_NAME.format(split=split)
+    if not path.is_file():
+        raise _not_found(root, [str(path)])
+    try:
+        with open(path, "rb") as f:
+            obj = restricted_pickle_load(f)
+    except ForbiddenPickleError as err:
+        raise ForbiddenPickleError(f"{path}: {err}") from err
+    except Exception as err:  # truncated or malformed file; nothing from it was executed
+        raise pickle.UnpicklingError(
+            f"{path} is not a readable pickle ({type(err).__name__}: {err}); re-copy the file."
+        ) from err
+    data, class_dict = validate_cache_structure(obj, str(path))
+    wnids, _ = _stack_classes(
+        {w: len(i) for w, i in class_dict.items()}, split, str(path), expect_counts
+    )
+    order = np.concatenate([class_dict[w] for w in wnids])
+    shape = (len(wnids), -1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    if order.size == data.shape[0] and np.array_equal(order, np.arange(order.size)):
+        # The common caches store classes in contiguous blocks: reshape, don't copy 800 MB.
+        images = data.reshape(shape)
+    else:
+        images = data[order].reshape(shape)
+    return images, tuple(wnids)
+
+
+# --------------------------------------------------------------------------------------------
+# Folder source
+# --------------------------------------------------------------------------------------------
+
+
+def _read_split_csv(path: Path) -> tuple[bytes, list[tuple[str, str]]]:
+    raw = path.read_bytes()
+    reader = csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != ["filename", "label"]:
+        raise ValueError(f"{path}: header must be 'filename,label', got {header!r}.")
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"{path}:{lineno}: expected 'filename,label', got {row!r}.")
+        name, label = row[0].strip(), row[1].strip()
+        if Path(name).name != name or name in (".", ".."):
+            # A path in the CSV could point outside images/; the split files never do this.
+            raise ValueError(f"{path}:{lineno}: filename {name!r} must be a plain file name.")
+        if name in seen:
+            raise ValueError(f"{path}:{lineno}: {name!r} is listed twice.")
+        seen.add(name)
+        rows.append((name, label))
+    if not rows:
+        raise ValueError(f"{path}: no rows after the header.")
+    return raw, rows
+
+
+def _image_path(images_dir: Path, name: str) -> Path:
+    path = images_dir / name
+    if not path.suffix and not path.exists():
+        path = images_dir / f"{name}.jpg"
+    return path
+
+
+def _cache_key(split: str, csv_bytes: bytes, paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    h.update(f"metajax-miniimagenet-v{_CACHE_VERSION}\0{split}\0{IMAGE_SIZE}\0".encode())
+    h.update(_RESAMPLE_NAME.encode() + b"\0")
+    h.update(hashlib.sha256(csv_bytes).digest())
+    for p in paths:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        # ImageNet has some greyscale and CMYK JPEGs; the network expects 3 RGB channels.
+        im = im.convert("RGB")
+        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), resample=Image.Resampling.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def _read_cache(path: Path, n_classes: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, wnids = z["images"], z["wnids"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        warnings.warn(f"ignoring unreadable cache {path} ({err}); re-decoding.", stacklevel=3)
+        return None
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 5
+        or images.shape[0] != n_classes
+        or images.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
+        or wnids.shape != (n_classes,)
+    ):
+        warnings.warn(f"ignoring cache {path} with unexpected contents; re-decoding.", stacklevel=3)
+        return None
+    return images, tuple(str(w) for w in wnids)
+
+
+class _FolderPlan(NamedTuple):
+    split: str
+    wnids: tuple[str, ...]
+    paths: list[list[Path]]  # [class][image], classes in wnid order, images in CSV order
+    cache_path: Path
+
+
+def _plan_folder_split(root: Path, split: str, expect_counts: bool, cache_dir: Path) -> _FolderPlan:
+    """Read and check a split's CSV and that every image exists; decode nothing."""
+    csv_path = root / f"{split}.csv"
+    images_dir = root / "images"
+    missing = [str(p) for p in (csv_path, images_dir) if not p.exists()]
+    if missing:
+        raise _not_found(root, missing)
+    csv_bytes, rows = _read_split_csv(csv_path)
+    by_class: dict[str, list[str]] = {}
+    for name, label in rows:
+        by_class.setdefault(label, []).append(name)
+    wnids, _ = _stack_classes(
+        {w: len(v) for w, v in by_class.items()}, split, str(csv_path), expect_counts
+    )
+    paths = [[_image_path(images_dir, n) for n in by_class[w]] for w in wnids]
+    flat = [p for ps in paths for p in ps]
+    absent = [str(p) for p in flat if not p.is_file()]
+    if absent:
+        more = [f"... and {len(absent) - 5} more"] if len(absent) > 5 else []
+        raise _not_found(root, absent[:5] + more)
+    cache_path = cache_dir / f"miniimagenet-{split}-{_cache_key(split, csv_bytes, flat)}.npz"
+    return _FolderPlan(split, tuple(wnids), paths, cache_path)
+
+
+def _load_folder_split(plan: _FolderPlan, cache: bool) -> tuple[np.ndarray, tuple[str, ...]]:
+    per_class = len(plan.paths[0])
+    if cache and plan.cache_path.is_file():
+        hit = _read_cache(plan.cache_path, len(plan.wnids))
+        if hit is not None and hit[1] == plan.wnids and hit[0].shape[1] == per_class:
+            return hit
+
+    images = np.empty((len(plan.wnids), per_class, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for c, class_paths in enumerate(plan.paths):
+        for i, p in enumerate(class_paths):
+            try:
+                images[c, i] = _decode_image(p)
+            except Exception as err:
+                raise ValueError(f"{p}: cannot decode image ({err}); re-copy the file.") from err
+    if cache:
+        try:
+            atomic_save_npz(plan.cache_path, images=images, wnids=np.array(plan.wnids, dtype=str))
+        except OSError as err:
+            # A read-only data directory must not stop training; only the speed-up is lost.
+            warnings.warn(
+                f"could not write mini-ImageNet cache {plan.cache_path} ({err}); pass a "
+                "writable cache_dir= to avoid decoding the images again next time.",
+                stacklevel=3,
+            )
+    return images, plan.wnids
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _pickles_present(root: Path, splits: Sequence[str]) -> bool:
+    return all((root / PICKLE_NAME.format(split=s)).is_file() for s in splits)
+
+
+def _folder_present(root: Path, splits: Sequence[str]) -> bool:
+    return (root / "images").is_dir() and all((root / f"{s}.csv").is_file() for s in splits)
+
+
+def load_miniimagenet(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    source: str = "auto",
+    splits: Sequence[str] = SPLITS,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    expect_counts: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
+    """Load mini-ImageNet (Vinyals et al., 2016) in the Ravi & Larochelle (2017) split.
+
+    Args:
+      data_dir: data root; files are read from ``<data_dir>/miniimagenet/``. ``None`` uses
+        :func:`metajax.data.sources.resolve_data_dir` (``$METAJAX_DATA_DIR`` or a user cache).
+      source: ``"folder"`` (images/ + split CSVs), ``"pickle"`` (mini-imagenet-cache-*.pkl)
+        or ``"auto"``: the pickles when all requested ones exist (fastest), else the folder.
+      splits: which of ``"train"``, ``"val"``, ``"test"`` to load.
+      cache: folder source only: read and write decoded arrays as ``.npz`` (see module doc).
+      cache_dir: where the ``.npz`` caches live; default ``<data_dir>/miniimagenet/cache``.
+      expect_counts: check 64/16/20 classes and 600 images per class. Set ``False`` for
+        small fixtures or subsets; every class of a split must still have the same count.
+
+    Returns:
+      ``(images, wnids)``: ``images[split]`` is ``uint8 [classes, per_class, 84, 84, 3]``
+      (``[64|16|20, 600, 84, 84, 3]`` for the real data), RGB, classes sorted by WordNet id;
+      ``wnids[split]`` is the tuple of those ids, so ``images[split][i]`` is class
+      ``wnids[split][i]``.
+
+    Raises:
+      FileNotFoundError: files missing; the message names them and where they go. Nothing is
+        downloaded, since the images are ImageNet's and come under its terms of access.
+      ForbiddenPickleError: a pickle refers to anything but numpy arrays (e.g. a tampered
+        file); nothing from it is executed. Its base class ``pickle.UnpicklingError``: a
+        truncated or malformed pickle.
+      ValueError: wrong structure, shapes, counts, or an undecodable image.
+    """
+    if source not in ("auto", "folder", "pickle"):
+        raise ValueError(f"source must be 'auto', 'folder' or 'pickle', got {source!r}.")
+    if isinstance(splits, str):
+        raise TypeError(f"splits must be a sequence of split names, e.g. ({splits!r},).")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {tuple(splits)}.")
+    splits = tuple(dict.fromkeys(splits))
+    root = resolve_data_dir(data_dir) / SUBDIR
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else root / "cache"
+
+    if source == "auto":
+        if _pickles_present(root, splits):
+            source = "pickle"
+        elif _folder_present(root, splits):
+            source = "folder"
+        else:
+            missing = [str(root / PICKLE_NAME.format(split=s)) for s in splits]
+            missing += [str(root / "images") + "/"] + [str(root / f"{s}.csv") for s in splits]
+            raise _not_found(root, [m for m in missing if not Path(m).exists()])
+
+    images: dict[str, np.ndarray] = {}
+    wnids: dict[str, tuple[str, ...]] = {}
+    if source == "pickle":
+        for split in splits:
+            images[split], wnids[split] = _load_pickle_split(root, split, expect_counts)
+    else:
+        # Check every split's CSV and files before decoding any: a missing file or a bad
+        # count fails in seconds, not after minutes of JPEG decoding.
+        plans = [_plan_folder_split(root, s, expect_counts, cache_root) for s in splits]
+        for plan in plans:
+            images[plan.split], wnids[plan.split] = _load_folder_split(plan, cache)
+    # The split's purpose is held-out classes; an overlap means mixed-up split files.
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            shared = sorted(set(wnids[a]) & set(wnids[b]))
+            if shared:
+                raise ValueError(
+                    f"classes {shared[:5]} appear in both {a} and {b}; the Ravi & Larochelle "
+                    "splits are disjoint. Check the split files."
+                )
+    return images, wnids
