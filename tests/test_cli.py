@@ -131,5 +131,6 @@ def test_console_script_reports_errors_with_status_2():
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "metajax: error: unknown preset 'no-such-preset'; valid presets: "
-        "sinusoid-fomaml, sinusoid-maml, sinusoid-metasgd, sinusoid-reptile"
+        "sinusoid-fomaml, sinusoid-maml, sinusoid-maml-5shot, sinusoid-metasgd, "
+        "sinusoid-reptile"
     )

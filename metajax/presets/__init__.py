@@ -28,6 +28,11 @@ PRESETS: dict[str, tuple[Config, str]] = {
         "MAML sinusoid regression (Finn et al. 2017, sec. 5.1): K=10, MLP 1-40-40-1 ReLU, "
         "one inner step alpha=0.01, meta-batch 25, Adam 1e-3, 70,000 meta-steps.",
     ),
+    "sinusoid-maml-5shot": (
+        dataclasses.replace(_MAML_SINUSOID, shots=5, queries=5),
+        "MAML sinusoid regression meta-trained with K=5 (the paper trains one model per K; "
+        "its Appendix C figure is 5-point fine-tuning); otherwise as sinusoid-maml.",
+    ),
     "sinusoid-fomaml": (
         dataclasses.replace(_MAML_SINUSOID, algorithm="fomaml"),
         "First-order MAML on the sinusoid setting of sinusoid-maml.",
