@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, help="meta-steps (default: the preset's)")
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET-TIME)")
     train.add_argument("--seed", type=_non_negative_int, help="random seed (default 0)")
+    train.add_argument("--data-dir", help="dataset folder (default: $METAJAX_DATA_DIR)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--queries", type=_positive_int,
                           help="query size (default: the run's eval_queries)")
     evaluate.add_argument("--steps", type=_step_list, default=None,
-                          help="inner-step counts, comma-separated (default 1,5,10)")
+                          help="inner-step counts, comma-separated (default: 1,5,10 for "
+                          "regression, the run's eval_inner_steps for classification)")
+    evaluate.add_argument("--data-dir", help="dataset folder (default: the run's)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0,
                           help="seed of the test tasks (0)")
     return parser
@@ -101,6 +104,8 @@ def _train_config(args) -> tuple[Config, Path]:
         config = config.with_overrides([f"steps={args.steps}"])
     if args.seed is not None:
         config = config.with_overrides([f"seed={args.seed}"])
+    if args.data_dir is not None:
+        config = config.with_overrides([f"data_dir={args.data_dir}"])
     config.validate()
     run_dir = args.out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
@@ -119,7 +124,7 @@ def _cmd_train(args) -> int:
     from metajax.train.loop import train
 
     problem = build_problem(config)
-    learner = build_learner(config, problem.loss_fn)
+    learner = build_learner(config, problem)
     print(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
           f"{config.steps} meta-steps -> {run_dir}", file=sys.stderr)
     summary = train(config, problem, learner, build_optimizer(config), run_dir,
@@ -135,6 +140,8 @@ def _cmd_evaluate(args) -> int:
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir} is not a run directory: no {CONFIG_FILE}")
     config = Config.from_json_file(run_dir / CONFIG_FILE)
+    if args.data_dir is not None:
+        config = config.with_overrides([f"data_dir={args.data_dir}"])
     if not (run_dir / PARAMS_FILE).is_file():
         raise ConfigError(f"{run_dir} has no {PARAMS_FILE}: the run has not saved parameters")
 
@@ -145,7 +152,7 @@ def _cmd_evaluate(args) -> int:
     from metajax.train.loop import BEST_PARAMS_FILE, evaluate_run
 
     problem = build_problem(config)
-    learner = build_learner(config, problem.loss_fn)
+    learner = build_learner(config, problem)
     params_file = PARAMS_FILE
     if problem.has_validation and (run_dir / BEST_PARAMS_FILE).is_file():
         params_file = BEST_PARAMS_FILE
@@ -156,7 +163,7 @@ def _cmd_evaluate(args) -> int:
         tasks=args.tasks,
         shots=args.shots or config.shots,
         queries=args.queries or config.eval_queries,
-        steps=args.steps or [1, 5, 10],
+        steps=args.steps or list(problem.default_eval_steps),
         seed=args.seed,
     )
     result.update({"run_dir": str(run_dir), "params": params_file})
@@ -173,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_evaluate(args)
-    except (ConfigError, ValueError) as err:
-        return _fail(str(err))
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        return _fail(str(err).replace("\n", " "))
 
 
 if __name__ == "__main__":

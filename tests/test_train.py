@@ -47,7 +47,7 @@ def test_sinusoid_tasks_follow_the_sine_law():
 def test_chunking_does_not_change_the_result():
     config = dataclasses.replace(get_preset("sinusoid-maml"), meta_batch_size=4)
     problem = build_problem(config)
-    learner = build_learner(config, problem.loss_fn)
+    learner = build_learner(config, problem)
     optimizer = build_optimizer(config)
 
     def sample(key):
@@ -72,14 +72,14 @@ def test_chunking_does_not_change_the_result():
 def test_checkpoint_round_trip_and_mismatch(tmp_path):
     config = get_preset("sinusoid-metasgd")
     problem = build_problem(config)
-    learner = build_learner(config, problem.loss_fn)
+    learner = build_learner(config, problem)
     meta_params = learner.init(problem.init_params(jax.random.PRNGKey(0)))
     path = save_params(tmp_path / "p.msgpack", meta_params)
     other = learner.init(problem.init_params(jax.random.PRNGKey(1)))
     restored = load_params(path, other)
     jax.tree.map(np.testing.assert_array_equal, restored, meta_params)
     wider = dataclasses.replace(config, hidden=8)
-    template = build_learner(wider, build_problem(wider).loss_fn).init(
+    template = build_learner(wider, build_problem(wider)).init(
         build_problem(wider).init_params(jax.random.PRNGKey(0))
     )
     with pytest.raises(ValueError, match="p.msgpack"):

@@ -60,6 +60,65 @@ PRESETS: dict[str, tuple[Config, str]] = {
 }
 
 
+# Finn et al. 2017, Appendix A.1 and the reference implementation: Omniglot 5-way trains with
+# 1 step of 0.4 (meta-batch 32) and tests with 3 steps; 20-way trains and tests with 5 steps
+# of 0.1 (meta-batch 16); mini-ImageNet trains with 5 steps of 0.01 and tests with 10
+# (meta-batch 4 for 1-shot, 2 for 5-shot, 15 queries per class); Adam 1e-3, 60,000 meta-steps.
+_FEW_SHOT = {
+    ("omniglot", 5): dict(meta_batch_size=32, inner_lr=0.4, inner_steps=1, eval_inner_steps=3),
+    ("omniglot", 20): dict(meta_batch_size=16, inner_lr=0.1, inner_steps=5, eval_inner_steps=5),
+    ("miniimagenet", 5): dict(inner_lr=0.01, inner_steps=5, eval_inner_steps=10, queries=15),
+}
+_ALGORITHM_NOTES = {
+    "maml": "second-order MAML",
+    "fomaml": "first-order MAML (same settings as MAML, as in the paper)",
+    "anil": "ANIL (Raghu et al. 2020): only the head adapts; MAML's settings, as in that paper",
+    "metasgd": "Meta-SGD (Li et al. 2017) on MAML's settings; rates start at the inner lr",
+    "reptile": "Reptile (Nichol et al. 2018) with MAML's inner lr, 5 inner SGD steps and outer "
+    "SGD 1.0 decayed linearly to 0; the Reptile paper's own protocol (inner Adam, 100k "
+    "steps, larger inner batches) is not reproduced",
+}
+
+
+def _few_shot_presets() -> dict[str, tuple[Config, str]]:
+    presets = {}
+    for (dataset, ways), settings in _FEW_SHOT.items():
+        for shots in (1, 5):
+            base = Config(
+                dataset=dataset, ways=ways, shots=shots, queries=shots, eval_queries=15,
+                outer_lr=1e-3, outer_optimizer="adam", steps=60_000, log_every=20,
+                eval_every=1_000, eval_tasks=100, split="maml",
+            )
+            base = dataclasses.replace(base, **settings)
+            if dataset == "miniimagenet":
+                base = dataclasses.replace(base, meta_batch_size=4 if shots == 1 else 2)
+            for algorithm, note in _ALGORITHM_NOTES.items():
+                config = dataclasses.replace(base, algorithm=algorithm)
+                if algorithm == "reptile":
+                    config = dataclasses.replace(
+                        config, inner_steps=max(config.inner_steps, 5), outer_optimizer="sgd",
+                        outer_lr=1.0, outer_lr_schedule="linear",
+                    )
+                where = (
+                    "Omniglot (MAML protocol: 1,200 training characters with 90-degree "
+                    "rotations as classes, 423 test characters)"
+                    if dataset == "omniglot"
+                    else "mini-ImageNet (Ravi-Larochelle split, 32-filter Conv4)"
+                )
+                name = f"{dataset}-{ways}w{shots}s-{algorithm}"
+                presets[name] = (
+                    config,
+                    f"{note}; {where}, {ways}-way {shots}-shot, meta-batch "
+                    f"{config.meta_batch_size}, {config.inner_steps} inner step(s) of "
+                    f"{config.inner_lr}, {config.test_inner_steps} at test, "
+                    f"{config.steps} meta-steps; 15 query images per class at test.",
+                )
+    return presets
+
+
+PRESETS.update(_few_shot_presets())
+
+
 def get_preset(name: str) -> Config:
     """The configuration of preset ``name``, or :class:`ConfigError` listing the valid ones."""
     if name not in PRESETS:

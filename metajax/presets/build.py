@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import metajax as mj
-from metajax.data import sinusoid
+from metajax.data import episodes, sinusoid
+from metajax.nn.conv4 import conv4_miniimagenet, conv4_omniglot
 from metajax.nn.mlp import MLP
 from metajax.train.config import Config
 from metajax.types import Batch, LossFn, PyTree, Task
@@ -31,6 +34,8 @@ class Problem(NamedTuple):
       metric_name: what :attr:`metric_fn` measures, e.g. ``"mse"``.
       metric_fn: ``metric_fn(params, batch) -> scalar`` reported at evaluation.
       has_validation: whether ``"val"`` is a held-out split (used to pick the best checkpoint).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      default_eval_steps: inner-step counts ``metajax evaluate`` reports by default.
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -39,6 +44,8 @@ class Problem(NamedTuple):
     metric_name: str
     metric_fn: Callable[[PyTree, Batch], jax.Array]
     has_validation: bool
+    has_aux: bool = False
+    default_eval_steps: tuple[int, ...] = (1, 5, 10)
 
 
 def sinusoid_problem(config: Config) -> Problem:
@@ -63,20 +70,86 @@ def sinusoid_problem(config: Config) -> Problem:
     )
 
 
+def classification_problem(
+    config: Config, splits: dict[str, np.ndarray], model: nn.Module
+) -> Problem:
+    """N-way K-shot classification: episodes drawn on device from ``splits`` (Vinyals et al.
+    2016), cross-entropy loss with accuracy as ``aux`` and as the reported metric.
+
+    ``splits`` maps ``train``/``val``/``test`` to ``[classes, per_class, H, W, C]`` arrays; they
+    are placed on the device once, and every episode is sampled there inside the jitted step.
+    """
+    images = {name: jnp.asarray(array) for name, array in splits.items()}
+    for name, array in images.items():
+        try:
+            for queries in {config.queries, config.eval_queries}:
+                episodes.validate_episode_args(tuple(array.shape), config.ways, config.shots,
+                                               queries)
+        except ValueError as err:
+            raise ValueError(f"{config.dataset} {name} split: {err}") from None
+
+    def loss_fn(params, batch):
+        x, y = batch
+        logits = model.apply(params, x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    def sample_tasks(key, num_tasks, shots, queries, split="train"):
+        return episodes.sample_episodes(key, images[split], num_tasks, config.ways, shots,
+                                        queries)
+
+    example = images["train"][0, :1]
+    return Problem(
+        init_params=lambda key: model.init(key, example),
+        loss_fn=loss_fn,
+        sample_tasks=sample_tasks,
+        metric_name="accuracy",
+        metric_fn=lambda params, batch: loss_fn(params, batch)[1]["accuracy"],
+        has_validation="val" in images,
+        has_aux=True,
+        default_eval_steps=(config.test_inner_steps,),
+    )
+
+
+def omniglot_problem(config: Config) -> Problem:
+    """Omniglot N-way K-shot with the Conv4 of Finn et al. (2017), 28x28 images.
+
+    ``config.split`` picks the protocol (see :func:`metajax.data.omniglot.omniglot_splits`).
+    """
+    from metajax.data.omniglot import load_omniglot, omniglot_splits
+
+    arrays = load_omniglot(config.data_dir or None)
+    splits = omniglot_splits(arrays, config.split)
+    return classification_problem(config, splits, conv4_omniglot(config.ways))
+
+
+def miniimagenet_problem(config: Config) -> Problem:
+    """mini-ImageNet N-way K-shot (Ravi and Larochelle split) with the 32-filter Conv4."""
+    from metajax.data.miniimagenet import load_miniimagenet
+
+    images, _ = load_miniimagenet(config.data_dir or None)
+    splits = {name: (array.astype(np.float32) / 255.0) for name, array in images.items()}
+    return classification_problem(config, splits, conv4_miniimagenet(config.ways))
+
+
 def build_problem(config: Config) -> Problem:
-    """The :class:`Problem` for ``config.dataset``."""
-    return {"sinusoid": sinusoid_problem}[config.dataset](config)
-
-
-def build_learner(config: Config, loss_fn: LossFn) -> mj.Learner:
-    """The meta-learner named by ``config.algorithm`` with its inner-loop settings."""
-    lr, steps = config.inner_lr, config.inner_steps
+    """The :class:`Problem` for ``config.dataset`` (loads and checks the data)."""
     return {
-        "maml": lambda: mj.maml(loss_fn, lr, steps),
-        "fomaml": lambda: mj.maml(loss_fn, lr, steps, first_order=True),
-        "reptile": lambda: mj.reptile(loss_fn, lr, steps),
-        "metasgd": lambda: mj.metasgd(loss_fn, lr, steps),
-        "anil": lambda: mj.anil(loss_fn, lr, steps),
+        "sinusoid": sinusoid_problem,
+        "omniglot": omniglot_problem,
+        "miniimagenet": miniimagenet_problem,
+    }[config.dataset](config)
+
+
+def build_learner(config: Config, problem: Problem) -> mj.Learner:
+    """The meta-learner named by ``config.algorithm`` with its inner-loop settings."""
+    lr, steps, aux, loss_fn = config.inner_lr, config.inner_steps, problem.has_aux, problem.loss_fn
+    return {
+        "maml": lambda: mj.maml(loss_fn, lr, steps, has_aux=aux),
+        "fomaml": lambda: mj.maml(loss_fn, lr, steps, first_order=True, has_aux=aux),
+        "reptile": lambda: mj.reptile(loss_fn, lr, steps, has_aux=aux),
+        "metasgd": lambda: mj.metasgd(loss_fn, lr, steps, has_aux=aux),
+        "anil": lambda: mj.anil(loss_fn, lr, steps, has_aux=aux),
     }[config.algorithm]()
 
 

@@ -9,7 +9,8 @@ import typing
 from pathlib import Path
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
-DATASETS = ("sinusoid",)
+DATASETS = ("sinusoid", "omniglot", "miniimagenet")
+OMNIGLOT_SPLITS = ("maml", "alphabets")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear")
 
@@ -24,10 +25,11 @@ class Config:
 
     Attributes:
       preset: the preset this configuration started from.
-      dataset: ``sinusoid``.
+      dataset: ``sinusoid``, ``omniglot`` or ``miniimagenet``.
       algorithm: one of ``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``.
-      shots: support examples per task (K).
-      queries: query examples per task in training.
+      ways: classes per task (N) for classification; unused by sinusoid.
+      shots: support examples per task (K); per class for classification.
+      queries: query examples per task (per class for classification) in training.
       meta_batch_size: tasks per meta-step.
       inner_lr: inner-loop step size (alpha); Meta-SGD's initial per-parameter rate.
       inner_steps: inner-loop steps in training.
@@ -41,12 +43,17 @@ class Config:
       log_every: meta-steps compiled into one call; metrics are logged once per call.
       eval_every: meta-steps between validation evaluations (0: only at the end).
       eval_tasks: tasks per validation evaluation.
-      eval_queries: query examples per task at evaluation (the test-time measure).
+      eval_queries: query examples per task (per class) at evaluation.
+      eval_inner_steps: inner steps at validation and test (0: ``inner_steps``).
+      data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+      split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
+        ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
     """
 
     preset: str = "custom"
     dataset: str = "sinusoid"
     algorithm: str = "maml"
+    ways: int = 5
     shots: int = 10
     queries: int = 10
     meta_batch_size: int = 25
@@ -63,6 +70,9 @@ class Config:
     eval_every: int = 5_000
     eval_tasks: int = 100
     eval_queries: int = 100
+    eval_inner_steps: int = 0
+    data_dir: str = ""
+    split: str = "maml"
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -80,6 +90,10 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.eval_inner_steps < 0:
+            raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps!r}")
+        if self.dataset != "sinusoid" and self.ways < 2:
+            raise ConfigError(f"ways must be >= 2 for classification, got {self.ways!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every!r}")
         if self.seed < 0:
@@ -87,6 +101,7 @@ class Config:
         for name, allowed in [
             ("dataset", DATASETS),
             ("algorithm", ALGORITHMS),
+            ("split", OMNIGLOT_SPLITS),
             ("outer_optimizer", OUTER_OPTIMIZERS),
             ("outer_lr_schedule", SCHEDULES),
         ]:
@@ -95,6 +110,11 @@ class Config:
                     f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
                 )
         return self
+
+    @property
+    def test_inner_steps(self) -> int:
+        """Inner steps at validation and test."""
+        return self.eval_inner_steps or self.inner_steps
 
     def with_overrides(self, pairs: list[str]) -> Config:
         """A copy with ``key=value`` strings applied, each value parsed to the field's type."""

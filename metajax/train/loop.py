@@ -61,12 +61,12 @@ def make_train_chunk(
     return chunk
 
 
-def make_evaluator(learner: Learner, problem) -> Callable:
+def make_evaluator(learner: Learner, problem, batch_tasks: int = 20) -> Callable:
     """A jitted ``evaluate(meta_params, key, num_tasks, shots, queries, inner_steps, split)``.
 
     Each of ``num_tasks`` tasks (drawn with ``fold_in(key, i)``) is adapted on its support set
     with ``inner_steps`` steps and measured by ``problem.metric_fn`` on its query set; tasks
-    run in vmapped batches of at most 100 to bound memory. Returns the per-task values
+    run in vmapped batches of ``batch_tasks`` to bound memory. Returns the per-task values
     ``[num_tasks]``.
     """
 
@@ -82,7 +82,7 @@ def make_evaluator(learner: Learner, problem) -> Callable:
             return problem.metric_fn(fast_params, task.query)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
-        return jax.lax.map(one_task, keys, batch_size=min(num_tasks, 100))
+        return jax.lax.map(one_task, keys, batch_size=min(num_tasks, batch_tasks))
 
     return evaluate
 
@@ -92,6 +92,17 @@ def mean_ci95(values: np.ndarray) -> dict:
     values = np.asarray(values, np.float64)
     ci = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
     return {"mean": float(values.mean()), "ci95": float(ci)}
+
+
+def flat_metrics(metrics: dict) -> dict:
+    """Chunk metrics as floats averaged over the chunk; a dict ``aux`` becomes ``query_<key>``."""
+    out = {}
+    for key, value in metrics.items():
+        if key == "aux" and isinstance(value, dict):
+            out.update({f"query_{k}": float(np.mean(v)) for k, v in value.items()})
+        elif key != "aux":
+            out[key] = float(np.mean(value))
+    return out
 
 
 class NonFiniteLoss(RuntimeError):
@@ -141,7 +152,7 @@ def train(
     def validate(step):
         nonlocal best
         values = evaluate(meta_params, k_val, config.eval_tasks, config.shots,
-                          config.eval_queries, config.inner_steps, "val")
+                          config.eval_queries, config.test_inner_steps, "val")
         record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"]}
         append_jsonl(metrics_path, record)
         save_params(run_dir / PARAMS_FILE, meta_params)
@@ -163,7 +174,7 @@ def train(
             meta_params, opt_state, metrics = chunk(
                 meta_params, opt_state, k_train, jnp.int32(step), length
             )
-            metrics = jax.tree.map(lambda m: float(np.mean(m)), jax.device_get(metrics))
+            metrics = flat_metrics(jax.device_get(metrics))
             step += length
             elapsed = time.perf_counter() - start
             last = {"step": step, **metrics, "wall_s": round(elapsed, 3)}
@@ -202,7 +213,8 @@ def evaluate_run(
     """Test-time figures of ``meta_params``: the metric after each inner-step count in ``steps``.
 
     The test tasks come from ``seed`` alone (not the training seed), so runs are compared on
-    the same tasks. Returns ``{"metric", "by_steps": {n: {"mean", "ci95"}}, "tasks", ...}``.
+    the same tasks. Returns ``{"metric", "mean", "ci95", "by_steps": {n: {"mean", "ci95"}},
+    "tasks", ...}`` where the top-level ``mean`` and ``ci95`` are those after ``steps[-1]``.
     """
     evaluate = make_evaluator(learner, problem)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57)
@@ -211,7 +223,9 @@ def evaluate_run(
                                                   "test")))
         for n in steps
     }
-    return {"metric": problem.metric_name, "by_steps": by_steps, "tasks": tasks, "shots": shots,
+    final = by_steps[str(steps[-1])]
+    return {"metric": problem.metric_name, "mean": final["mean"], "ci95": final["ci95"],
+            "inner_steps": steps[-1], "by_steps": by_steps, "tasks": tasks, "shots": shots,
             "queries": queries, "seed": seed}
 
 

@@ -1,0 +1,178 @@
+"""The 4-block ConvNet of MAML (Finn et al., 2017) for Omniglot and mini-ImageNet.
+
+Each block is a 3x3 convolution, batch norm, ReLU and a downsampling step:
+
+* ``variant="omniglot"``: the convolution has stride 2 (SAME) and there is no pooling, as in the
+  MAML reference code for 28x28 Omniglot: 28 -> 14 -> 7 -> 4 -> 2, so 64 filters give
+  ``2 * 2 * 64 = 256`` features.
+* ``variant="miniimagenet"``: stride-1 SAME convolution then 2x2 max-pooling (VALID):
+  84 -> 42 -> 21 -> 10 -> 5, so 32 filters give ``5 * 5 * 32 = 800`` features.
+
+The features are flattened and fed to a linear layer named ``head``, so ANIL-style learners
+can select the head by a params path containing ``'head'``.
+
+Batch norm follows the MAML reference: every call normalises with the mean and variance of the
+*current* batch, in training and in evaluation alike, and keeps no running averages. Evaluation
+is therefore transductive: a query image's output depends on the other query images it is
+batched with. Because there is no state, ``model.apply({'params': p}, x)`` is a pure function
+of a plain params pytree (no ``batch_stats`` collection, no ``mutable=``), which is what the
+meta-learners need to ``vmap`` and differentiate through per-task fast weights. ``norm="none"``
+removes normalisation (the conv then gets a bias) for non-transductive use.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metajax.nn.conv import ConvImpl, conv2d, max_pool_2x2, resolve_impl
+
+Variant = Literal["omniglot", "miniimagenet"]
+Norm = Literal["batch", "none"]
+
+VARIANTS: tuple[str, ...] = ("omniglot", "miniimagenet")
+NORMS: tuple[str, ...] = ("batch", "none")
+
+
+class Conv2D(nn.Module):
+    """3x3-style convolution layer over :func:`metajax.nn.conv.conv2d`.
+
+    Input ``[N, H, W, C_in]``, output ``[N, H_out, W_out, features]``. Params: ``kernel``
+    ``[kh, kw, C_in, features]`` (Glorot-uniform, as the MAML reference) and, if ``use_bias``,
+    ``bias [features]`` (zeros).
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    stride: int = 1
+    padding: str = "SAME"
+    use_bias: bool = True
+    impl: ConvImpl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            nn.initializers.glorot_uniform(),
+            (kh, kw, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        y = conv2d(x, kernel.astype(x.dtype), self.stride, self.padding, impl=self.impl)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class BatchStatNorm(nn.Module):
+    """Batch norm with the statistics of the current batch only (no running averages).
+
+    Input and output ``[N, H, W, C]``; mean and (biased) variance are per channel over
+    ``N, H, W``. Params: ``scale [C]`` (ones) and ``bias [C]`` (zeros). Under ``vmap`` over
+    tasks the statistics are per task, as MAML's per-task forward passes (Finn et al., 2017).
+    """
+
+    eps: float = 1e-3  # the TensorFlow batch-norm default used by the MAML reference
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        # Statistics in float32 so that low-precision activations do not lose the variance.
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=axes)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+class Conv4(nn.Module):
+    """4-block ConvNet of MAML (Finn et al., 2017): ``[N, H, W, C] -> logits [N, num_classes]``.
+
+    Attributes:
+      num_classes: width of the ``head`` (the number of ways).
+      filters: channels of every block (MAML: 64 for Omniglot, 32 for mini-ImageNet).
+      variant: ``"omniglot"`` (stride-2 convs, no pooling) or ``"miniimagenet"``
+        (stride-1 convs + 2x2 max-pool).
+      norm: ``"batch"`` (current-batch statistics, transductive, as the reference) or
+        ``"none"``.
+      conv_impl: ``"auto"`` | ``"im2col"`` | ``"lax"``, see :func:`metajax.nn.conv.conv2d`.
+
+    Params: ``conv0..conv3`` (``kernel``, plus ``bias`` when ``norm="none"``),
+    ``norm0..norm3`` (``scale``, ``bias``; only for ``norm="batch"``), ``head``
+    (``kernel [features, num_classes]``, ``bias``). With batch norm the conv bias is omitted
+    because the normalisation's mean subtraction cancels it.
+    """
+
+    num_classes: int
+    filters: int = 64
+    variant: Variant = "omniglot"
+    norm: Norm = "batch"
+    conv_impl: ConvImpl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Conv4 variant must be one of {VARIANTS}, got {self.variant!r}.")
+        if self.norm not in NORMS:
+            raise ValueError(
+                f"Conv4 norm must be one of {NORMS}, got {self.norm!r} (running-average batch "
+                "norm is not offered: statistics are always the current batch's)."
+            )
+        if self.num_classes < 1 or self.filters < 1:
+            raise ValueError(
+                f"Conv4 needs num_classes >= 1 and filters >= 1, got num_classes="
+                f"{self.num_classes}, filters={self.filters}."
+            )
+        if x.ndim != 4:
+            raise ValueError(
+                f"Conv4 expects images [N, H, W, C], got shape {x.shape}; for grayscale "
+                "[N, H, W] add a channel axis with x[..., None]."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"Conv4 expects floating-point images, got dtype {x.dtype}; convert first, "
+                "e.g. x.astype(jnp.float32) / 255."
+            )
+        impl = resolve_impl(self.conv_impl)
+        omniglot = self.variant == "omniglot"
+        for i in range(4):
+            x = Conv2D(
+                self.filters,
+                stride=2 if omniglot else 1,
+                use_bias=self.norm == "none",
+                impl=impl,
+                name=f"conv{i}",
+            )(x)
+            if self.norm == "batch":
+                x = BatchStatNorm(name=f"norm{i}")(x)
+            x = nn.relu(x)
+            if not omniglot:
+                x = max_pool_2x2(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def conv4_omniglot(ways: int, filters: int = 64, **kwargs) -> Conv4:
+    """Conv4 for 28x28x1 Omniglot as in MAML (Finn et al., 2017): 64 filters, stride-2 convs.
+
+    Input ``[N, 28, 28, 1]``, logits ``[N, ways]``, 256 features before the head.
+    ``kwargs`` (``norm``, ``conv_impl``) go to :class:`Conv4`.
+    """
+    return Conv4(num_classes=ways, filters=filters, variant="omniglot", **kwargs)
+
+
+def conv4_miniimagenet(ways: int, filters: int = 32, **kwargs) -> Conv4:
+    """Conv4 for 84x84x3 mini-ImageNet as in MAML (Finn et al., 2017): 32 filters, max-pool.
+
+    The MAML paper uses 32 filters here to limit overfitting. Input ``[N, 84, 84, 3]``, logits
+    ``[N, ways]``, 800 features before the head. ``kwargs`` (``norm``, ``conv_impl``) go to
+    :class:`Conv4`.
+    """
+    return Conv4(num_classes=ways, filters=filters, variant="miniimagenet", **kwargs)
