@@ -70,6 +70,15 @@ def sinusoid_problem(config: Config) -> Problem:
     )
 
 
+def as_float_images(x: jax.Array) -> jax.Array:
+    """uint8 images to float32 in [0, 1]; anything else unchanged.
+
+    Splits stay uint8 on the device (mini-ImageNet's training split is 0.8 GB so, 3.3 GB as
+    float32); only the sampled episodes are converted.
+    """
+    return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x
+
+
 def classification_problem(
     config: Config, splits: dict[str, np.ndarray], model: nn.Module
 ) -> Problem:
@@ -95,10 +104,11 @@ def classification_problem(
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 
     def sample_tasks(key, num_tasks, shots, queries, split="train"):
-        return episodes.sample_episodes(key, images[split], num_tasks, config.ways, shots,
-                                        queries)
+        tasks = episodes.sample_episodes(key, images[split], num_tasks, config.ways, shots,
+                                         queries)
+        return jax.tree.map(as_float_images, tasks)
 
-    example = images["train"][0, :1]
+    example = as_float_images(images["train"][0, :1])
     return Problem(
         init_params=lambda key: model.init(key, example),
         loss_fn=loss_fn,
@@ -128,8 +138,7 @@ def miniimagenet_problem(config: Config) -> Problem:
     from metajax.data.miniimagenet import load_miniimagenet
 
     images, _ = load_miniimagenet(config.data_dir or None)
-    splits = {name: (array.astype(np.float32) / 255.0) for name, array in images.items()}
-    return classification_problem(config, splits, conv4_miniimagenet(config.ways))
+    return classification_problem(config, images, conv4_miniimagenet(config.ways))
 
 
 def build_problem(config: Config) -> Problem:

@@ -45,6 +45,8 @@ class Config:
       eval_tasks: tasks per validation evaluation.
       eval_queries: query examples per task (per class) at evaluation.
       eval_inner_steps: inner steps at validation and test (0: ``inner_steps``).
+      time_budget_s: stop after the first chunk that ends past this many seconds of training
+        (0: no budget); the run is then shorter than ``steps`` and says so.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
         ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
@@ -71,6 +73,7 @@ class Config:
     eval_tasks: int = 100
     eval_queries: int = 100
     eval_inner_steps: int = 0
+    time_budget_s: float = 0.0
     data_dir: str = ""
     split: str = "maml"
 
@@ -96,6 +99,8 @@ class Config:
             raise ConfigError(f"ways must be >= 2 for classification, got {self.ways!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be >= 0, got {self.eval_every!r}")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"time_budget_s must be >= 0, got {self.time_budget_s!r}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed!r}")
         for name, allowed in [

@@ -125,9 +125,11 @@ def train(
     every validation and at the end); with a held-out validation split also
     ``best_meta_params.msgpack``, the parameters of the best validation score.
 
+    Training stops early, after a whole chunk, once ``config.time_budget_s`` is spent.
+
     Returns:
-      The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s``, ``steps_per_s`` and
-      the last validation figure ``val_<metric>``.
+      The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s``, ``steps_per_s``,
+      ``stopped_by_time_budget`` and the last validation figure ``val_<metric>``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,14 +188,18 @@ def train(
                 )
             bar.update(length)
             bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
+            out_of_time = bool(config.time_budget_s) and elapsed > config.time_budget_s
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 val_record = validate(step)
+            if out_of_time:
+                break
         val_record = validate(step)
     wall = time.perf_counter() - start
     return {
         **{k: v for k, v in last.items() if k != "wall_s"},
         **{k: v for k, v in val_record.items() if k != "step"},
         "run_dir": str(run_dir),
+        "stopped_by_time_budget": step < config.steps,
         "wall_s": round(wall, 2),
         "steps_per_s": round(step / wall, 1),
     }
