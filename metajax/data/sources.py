@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from metajax._files import atomic_write
+
 DATA_DIR_ENV = "METAJAX_DATA_DIR"
 CACHE_DIR_ENV = "METAJAX_CACHE_DIR"
 
@@ -56,19 +58,7 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
     A reader sees either no file or the whole file, never a partial one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 class DataNotFoundError(FileNotFoundError):

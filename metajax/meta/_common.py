@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from metajax.inner import task_axis_mean
-from metajax.types import PyTree, Task
+from metajax.types import Learner, PyTree, Task
 
 
 def check_positive_number(name: str, value) -> None:
@@ -55,3 +56,39 @@ def averaged_meta_grad(
     metrics = task_axis_mean(metrics)
     metrics["meta_loss"] = meta_loss
     return grads, metrics
+
+
+def inner_loop_learner(
+    init: Callable[[PyTree], PyTree],
+    run_inner: Callable[[PyTree, Any, int], tuple[PyTree, jax.Array]],
+    loss_fn,
+    inner_steps: int,
+    has_aux: bool,
+    fast_params_of: Callable[[PyTree], PyTree],
+) -> Learner:
+    """A :class:`Learner` whose meta-objective is the query loss after ``run_inner``.
+
+    ``run_inner(meta_params, support, steps) -> (fast_params, support_losses)`` is the
+    algorithm's inner loop; ``meta_grad`` differentiates the task-averaged query loss through
+    it (MAML, FOMAML, ANIL, Meta-SGD differ only in ``run_inner`` and ``init``).
+    """
+    objective = loss_and_aux(loss_fn, has_aux)
+
+    def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
+        steps = default_steps if inner_steps is None else inner_steps
+        check_steps("inner_steps", steps, minimum=0)
+        return run_inner(meta_params, support, steps)[0]
+
+    def task_objective(meta_params: PyTree, task: Task):
+        fast_params, support_losses = run_inner(meta_params, task.support, default_steps)
+        query_loss, aux = objective(fast_params, task.query)
+        metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
+        if has_aux:
+            metrics["aux"] = aux
+        return query_loss, metrics
+
+    def meta_grad(meta_params: PyTree, tasks: Task):
+        return averaged_meta_grad(task_objective, meta_params, tasks)
+
+    default_steps = inner_steps
+    return Learner(init, adapt, meta_grad, fast_params_of)

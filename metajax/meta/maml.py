@@ -12,13 +12,8 @@ from collections.abc import Callable
 import jax
 
 from metajax import inner
-from metajax.meta._common import (
-    averaged_meta_grad,
-    check_positive_number,
-    check_steps,
-    loss_and_aux,
-)
-from metajax.types import Learner, LossFn, PyTree, Task
+from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax.types import Learner, LossFn, PyTree
 
 
 def maml(
@@ -53,12 +48,7 @@ def maml(
     """
     check_positive_number("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
-    objective = loss_and_aux(loss_fn, has_aux)
     rule = inner.sgd(inner_lr)
-    default_steps = inner_steps
-
-    def mask_for(params):
-        return mask(params) if callable(mask) else mask
 
     def run_inner(params, support, steps):
         return inner.adapt(
@@ -68,30 +58,14 @@ def maml(
             steps,
             rule,
             has_aux=has_aux,
-            mask=mask_for(params),
+            mask=mask(params) if callable(mask) else mask,
             first_order=first_order,
         )
 
-    def init(params: PyTree) -> PyTree:
+    def identity(params: PyTree) -> PyTree:
         return params
 
-    def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
-        steps = default_steps if inner_steps is None else inner_steps
-        check_steps("inner_steps", steps, minimum=0)
-        return run_inner(meta_params, support, steps)[0]
-
-    def task_objective(meta_params: PyTree, task: Task):
-        fast_params, support_losses = run_inner(meta_params, task.support, default_steps)
-        query_loss, aux = objective(fast_params, task.query)
-        metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
-        if has_aux:
-            metrics["aux"] = aux
-        return query_loss, metrics
-
-    def meta_grad(meta_params: PyTree, tasks: Task):
-        return averaged_meta_grad(task_objective, meta_params, tasks)
-
-    return Learner(init, adapt, meta_grad, lambda meta_params: meta_params)
+    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity)
 
 
 def head_mask(params: PyTree, head: str | Callable[[str], bool]) -> PyTree:

@@ -11,13 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
-from metajax.meta._common import (
-    averaged_meta_grad,
-    check_positive_number,
-    check_steps,
-    loss_and_aux,
-)
-from metajax.types import Learner, LossFn, PyTree, Task
+from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax.types import Learner, LossFn, PyTree
 
 
 class MetaSGDParams(NamedTuple):
@@ -52,8 +47,6 @@ def metasgd(
     """
     check_positive_number("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
-    objective = loss_and_aux(loss_fn, has_aux)
-    default_steps = inner_steps
 
     def run_inner(meta_params: MetaSGDParams, support, steps):
         return inner.adapt(
@@ -70,20 +63,6 @@ def metasgd(
         lrs = jax.tree.map(lambda p: jnp.full(jnp.shape(p), inner_lr, jnp.result_type(p)), params)
         return MetaSGDParams(params, lrs)
 
-    def adapt(meta_params: MetaSGDParams, support, inner_steps: int | None = None) -> PyTree:
-        steps = default_steps if inner_steps is None else inner_steps
-        check_steps("inner_steps", steps, minimum=0)
-        return run_inner(meta_params, support, steps)[0]
-
-    def task_objective(meta_params: MetaSGDParams, task: Task):
-        fast_params, support_losses = run_inner(meta_params, task.support, default_steps)
-        query_loss, aux = objective(fast_params, task.query)
-        metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
-        if has_aux:
-            metrics["aux"] = aux
-        return query_loss, metrics
-
-    def meta_grad(meta_params: MetaSGDParams, tasks: Task):
-        return averaged_meta_grad(task_objective, meta_params, tasks)
-
-    return Learner(init, adapt, meta_grad, lambda meta_params: meta_params.params)
+    return inner_loop_learner(
+        init, run_inner, loss_fn, inner_steps, has_aux, lambda meta_params: meta_params.params
+    )

@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
-from metajax.meta._common import check_positive_number, check_steps, loss_and_aux
+from metajax.meta._common import (
+    check_positive_number,
+    check_steps,
+    inner_loop_learner,
+    loss_and_aux,
+)
 from metajax.types import Learner, LossFn, PyTree, Task
 
 
@@ -35,17 +40,12 @@ def reptile(
     check_steps("inner_steps", inner_steps)
     objective = loss_and_aux(loss_fn, has_aux)
     rule = inner.sgd(inner_lr)
-    default_steps = inner_steps
 
-    def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
-        steps = default_steps if inner_steps is None else inner_steps
-        check_steps("inner_steps", steps, minimum=0)
-        return inner.adapt(loss_fn, meta_params, support, steps, rule, has_aux=has_aux)[0]
+    def run_inner(params: PyTree, support, steps: int):
+        return inner.adapt(loss_fn, params, support, steps, rule, has_aux=has_aux)
 
     def one_task(meta_params: PyTree, task: Task):
-        fast_params, support_losses = inner.adapt(
-            loss_fn, meta_params, task.support, default_steps, rule, has_aux=has_aux
-        )
+        fast_params, support_losses = run_inner(meta_params, task.support, inner_steps)
         query_loss, aux = objective(fast_params, task.query)
         metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
         if has_aux:
@@ -59,4 +59,8 @@ def reptile(
         metrics["meta_loss"] = metrics["query_loss"]
         return grads, metrics
 
-    return Learner(lambda params: params, adapt, meta_grad, lambda meta_params: meta_params)
+    def identity(params: PyTree) -> PyTree:
+        return params
+
+    learner = inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity)
+    return learner._replace(meta_grad=meta_grad)

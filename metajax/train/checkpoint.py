@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import flax.serialization
 import jax
 
+from metajax._files import atomic_write
 from metajax.types import PyTree
 
 
 def save_params(path: str | os.PathLike, tree: PyTree) -> Path:
     """Write ``tree`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
     data = flax.serialization.to_bytes(jax.device_get(tree))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load_params(path: str | os.PathLike, template: PyTree) -> PyTree:
