@@ -8,7 +8,17 @@ Public API, flat::
 """
 
 from metajax import inner
-from metajax.meta import MetaSGDParams, anil, head_mask, maml, metasgd, reptile
+from metajax.meta import (
+    MetaSGDParams,
+    anil,
+    conjugate_gradient,
+    head_mask,
+    imaml,
+    implicit_proximal_solver,
+    maml,
+    metasgd,
+    reptile,
+)
 from metajax.types import Batch, Learner, LossFn, PyTree, Task
 
 __version__ = "0.1.0"
@@ -21,7 +31,10 @@ __all__ = [
     "PyTree",
     "Task",
     "anil",
+    "conjugate_gradient",
     "head_mask",
+    "imaml",
+    "implicit_proximal_solver",
     "inner",
     "maml",
     "metasgd",

@@ -1,7 +1,18 @@
 """Meta-learners: NamedTuples of pure functions ``init``, ``adapt``, ``meta_grad``."""
 
+from metajax.meta.imaml import conjugate_gradient, imaml, implicit_proximal_solver
 from metajax.meta.maml import anil, head_mask, maml
 from metajax.meta.metasgd import MetaSGDParams, metasgd
 from metajax.meta.reptile import reptile
 
-__all__ = ["MetaSGDParams", "anil", "head_mask", "maml", "metasgd", "reptile"]
+__all__ = [
+    "MetaSGDParams",
+    "anil",
+    "conjugate_gradient",
+    "head_mask",
+    "imaml",
+    "implicit_proximal_solver",
+    "maml",
+    "metasgd",
+    "reptile",
+]

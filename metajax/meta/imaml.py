@@ -1,0 +1,156 @@
+"""Implicit MAML: meta-gradients of a proximal inner problem by implicit differentiation.
+
+Rajeswaran, Finn, Kakade and Levine, 2019, "Meta-Learning with Implicit Gradients".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metajax import inner
+from metajax.meta._common import (
+    check_positive_number,
+    check_steps,
+    inner_loop_learner,
+    loss_and_aux,
+)
+from metajax.types import Learner, LossFn, PyTree
+
+
+def conjugate_gradient(
+    matvec: Callable[[PyTree], PyTree], b: PyTree, steps: int, damping: float = 0.0
+) -> PyTree:
+    """Solve ``(A + damping I) x = b`` for symmetric positive definite ``A`` by at most
+    ``steps`` conjugate-gradient iterations from ``x = 0`` (Hestenes and Stiefel, 1952).
+
+    ``A`` is given only as ``matvec(x) = A x`` on pytrees shaped like ``b``; this wraps
+    ``jax.scipy.sparse.linalg.cg`` with no tolerance, so exactly ``steps`` iterations run
+    unless the residual vanishes first.
+    """
+    check_steps("cg_steps", steps)
+    if damping:
+        plain = matvec
+
+        def matvec(x):
+            return jax.tree.map(lambda ax, xi: ax + damping * xi, plain(x), x)
+
+    x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=0.0, atol=0.0, maxiter=steps)
+    return x
+
+
+def _zero_cotangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def implicit_proximal_solver(
+    loss_fn: LossFn,
+    solve: Callable[[PyTree, PyTree], PyTree],
+    lam: float,
+    cg_steps: int,
+    cg_damping: float = 0.0,
+    has_aux: bool = False,
+) -> Callable[[PyTree, PyTree], PyTree]:
+    """Attach the implicit meta-gradient to a proximal inner solver.
+
+    ``solve(theta, support)`` approximately minimises
+    ``loss_fn(phi, support) + lam / 2 ||phi - theta||^2`` over ``phi``; it stays a plain
+    function and is never differentiated. At the solution ``phi*`` the Jacobian is
+    ``d phi* / d theta = (I + H / lam)^-1`` with ``H`` the Hessian of the support loss at
+    ``phi*``, so the backward pass maps a cotangent ``v`` to the solution of
+    ``(I + H / lam) u = v``, found by ``cg_steps`` conjugate-gradient iterations on
+    Hessian-vector products (forward-over-reverse), never a materialised Hessian. Only
+    ``phi*`` and ``support`` are kept for the backward pass.
+    """
+    objective = loss_and_aux(loss_fn, has_aux)
+
+    def support_loss(phi, support):
+        return objective(phi, support)[0]
+
+    @jax.custom_vjp
+    def solution(theta, support):
+        return solve(theta, support)
+
+    def forward(theta, support):
+        phi = solve(theta, support)
+        return phi, (phi, support)
+
+    def backward(residuals, v):
+        phi, support = residuals
+        grad_at = jax.grad(support_loss)
+
+        def matvec(x):
+            hvp = jax.jvp(lambda p: grad_at(p, support), (phi,), (x,))[1]
+            return jax.tree.map(lambda xi, hi: xi + hi / lam, x, hvp)
+
+        u = conjugate_gradient(matvec, v, cg_steps, cg_damping)
+        return u, jax.tree.map(_zero_cotangent, support)
+
+    solution.defvjp(forward, backward)
+    return solution
+
+
+def imaml(
+    loss_fn: LossFn,
+    inner_lr: float,
+    inner_steps: int = 16,
+    *,
+    lam: float = 2.0,
+    cg_steps: int = 5,
+    cg_damping: float = 0.0,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    has_aux: bool = False,
+) -> Learner:
+    """iMAML (Rajeswaran et al., 2019).
+
+    The inner loop solves the proximal problem
+    ``min_phi L_support(phi) + lam / 2 ||phi - theta||^2`` from ``phi = theta`` with
+    ``inner_steps`` steps of gradient descent of size ``inner_lr`` (or of ``inner_optimizer``,
+    any optax transformation, when given). The meta-gradient of the query loss is
+    ``(I + H / lam)^-1 grad L_query(phi*)``, computed by conjugate gradient (see
+    :func:`implicit_proximal_solver`), so memory does not grow with ``inner_steps``.
+
+    Args:
+      lam: proximal regularisation strength lambda (> 0; the paper's Omniglot value is 2).
+      cg_steps: conjugate-gradient iterations in the backward pass (paper: 5).
+      cg_damping: added to the diagonal of ``I + H / lam`` (helps when H is indefinite).
+      Others as :func:`metajax.maml`. Its meta-parameters are the model parameters.
+    """
+    check_positive_number("inner_lr", inner_lr)
+    check_positive_number("lam", lam)
+    check_steps("inner_steps", inner_steps)
+    check_steps("cg_steps", cg_steps)
+    objective = loss_and_aux(loss_fn, has_aux)
+    rule = inner.from_optax(inner_optimizer) if inner_optimizer else inner.sgd(inner_lr)
+
+    def proximal_loss(phi, batch):
+        support, theta = batch
+        distance = sum(jnp.sum((p - t) ** 2) for p, t in
+                       zip(jax.tree.leaves(phi), jax.tree.leaves(theta), strict=True))
+        return objective(phi, support)[0] + 0.5 * lam * distance
+
+    def make_solver(steps):
+        def solve(theta, support):
+            theta = jax.lax.stop_gradient(theta)
+            return inner.adapt(proximal_loss, theta, (support, theta), steps, rule)[0]
+
+        return implicit_proximal_solver(loss_fn, solve, lam, cg_steps, cg_damping, has_aux)
+
+    default_solver = make_solver(inner_steps)
+
+    def run_inner(theta, support, steps):
+        solver = default_solver if steps == inner_steps else make_solver(steps)
+        phi = solver(theta, support)
+        return phi, objective(jax.lax.stop_gradient(theta), support)[0][None]
+
+    def identity(params):
+        return params
+
+    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity)

@@ -1,0 +1,133 @@
+"""iMAML: conjugate gradient and the implicit meta-gradient against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metajax as mj
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def spd(key, d, condition=10.0):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (d, d), jnp.float64))
+    return q @ jnp.diag(jnp.linspace(1.0, condition, d)) @ q.T
+
+
+def test_conjugate_gradient_matches_solve(x64):
+    for seed, d in [(0, 3), (1, 8), (2, 20)]:
+        a = spd(jax.random.PRNGKey(seed), d)
+        b = jax.random.normal(jax.random.PRNGKey(seed + 10), (d,), jnp.float64)
+        x = mj.conjugate_gradient(lambda v, a=a: a @ v, b, steps=d)
+        np.testing.assert_allclose(x, jnp.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+        x = mj.conjugate_gradient(lambda v, a=a: a @ v, b, steps=d, damping=0.5)
+        np.testing.assert_allclose(x, jnp.linalg.solve(a + 0.5 * jnp.eye(d), b), rtol=1e-8)
+
+
+def test_conjugate_gradient_on_pytrees(x64):
+    a1, a2 = spd(jax.random.PRNGKey(3), 4), spd(jax.random.PRNGKey(4), 3)
+    b = {"u": jnp.arange(4.0), "v": jnp.ones(3)}
+    x = mj.conjugate_gradient(lambda t: {"u": a1 @ t["u"], "v": a2 @ t["v"]}, b, steps=7)
+    np.testing.assert_allclose(x["u"], jnp.linalg.solve(a1, b["u"]), rtol=1e-8)
+    np.testing.assert_allclose(x["v"], jnp.linalg.solve(a2, b["v"]), rtol=1e-8)
+
+
+def quadratic_loss(params, batch):
+    """Support loss ``1/2 phi^T A phi - b^T phi``; the query loss ``1/2 ||phi - c||^2`` uses
+    ``A = I`` and ``b = c`` (up to a constant), so one function serves both."""
+    a, b = batch
+    phi = params["phi"]
+    return 0.5 * phi @ a @ phi - b @ phi
+
+
+def quadratic_task(key, d=6):
+    ka, kb, kc = jax.random.split(key, 3)
+    a = spd(ka, d, condition=20.0)
+    b = jax.random.normal(kb, (d,), jnp.float64)
+    c = jax.random.normal(kc, (d,), jnp.float64)
+    return mj.Task(support=(a, b), query=(jnp.eye(d), c))
+
+
+def closed_form(theta, task, lam):
+    a, b = task.support
+    _, c = task.query
+    d = len(theta)
+    phi = jnp.linalg.solve(a + lam * jnp.eye(d), b + lam * theta)
+    return phi, lam * jnp.linalg.solve(a + lam * jnp.eye(d), phi - c)
+
+
+def test_imaml_meta_gradient_matches_closed_form(x64):
+    lam = 2.0
+    task = quadratic_task(jax.random.PRNGKey(5))
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    # The proximal objective has curvature between 1 + lam and 20 + lam: step 1/22 converges.
+    learner = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=6)
+    tasks = jax.tree.map(lambda x: x[None], task)
+    grads, _ = learner.meta_grad({"phi": theta}, tasks)
+    phi_star, expected = closed_form(theta, task, lam)
+    np.testing.assert_allclose(learner.adapt({"phi": theta}, task.support)["phi"], phi_star,
+                               rtol=1e-9)
+    np.testing.assert_allclose(grads["phi"], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_imaml_error_shrinks_with_cg_steps(x64):
+    lam = 0.5
+    task = quadratic_task(jax.random.PRNGKey(6), d=10)
+    theta = jnp.linspace(-1.0, 1.0, 10)
+    tasks = jax.tree.map(lambda x: x[None], task)
+    _, expected = closed_form(theta, task, lam)
+    errors = []
+    for cg_steps in [1, 2, 4, 10]:
+        learner = mj.imaml(quadratic_loss, inner_lr=1 / 21, inner_steps=2000, lam=lam,
+                           cg_steps=cg_steps)
+        grads, _ = learner.meta_grad({"phi": theta}, tasks)
+        errors.append(float(jnp.linalg.norm(grads["phi"] - expected)))
+    assert errors[0] > errors[1] > errors[2] > errors[3]
+    assert errors[3] < 1e-8 * float(jnp.linalg.norm(expected)) + 1e-10
+    assert errors[0] > 1e-3
+
+
+def test_imaml_batch_and_jit(x64):
+    tasks = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[quadratic_task(jax.random.PRNGKey(i)) for i in range(3)])
+    learner = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=300, lam=2.0, cg_steps=6)
+    theta = {"phi": jnp.linspace(-1.0, 1.0, 6)}
+    grads, metrics = jax.jit(learner.meta_grad)(theta, tasks)
+    expected = np.mean([closed_form(theta["phi"], jax.tree.map(lambda x, i=i: x[i], tasks),
+                                     2.0)[1] for i in range(3)], axis=0)
+    np.testing.assert_allclose(grads["phi"], expected, rtol=1e-7)
+    assert np.isfinite(metrics["meta_loss"])
+
+
+def test_imaml_memory_does_not_keep_the_trajectory():
+    """The compiled meta-gradient's temporary memory is the same for 5 and 200 inner steps."""
+
+    def loss(params, batch):
+        x, y = batch
+        return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+
+    params = {"w1": jnp.ones((1, 64)) * 0.1, "w2": jnp.ones((64, 1)) * 0.1}
+    x = jnp.linspace(-1, 1, 4 * 32).reshape(4, 32, 1)
+    tasks = mj.Task((x, jnp.sin(x)), (x, jnp.cos(x)))
+
+    def temp_bytes(learner):
+        compiled = jax.jit(learner.meta_grad).lower(params, tasks).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    imaml_few = temp_bytes(mj.imaml(loss, 0.1, inner_steps=5))
+    imaml_many = temp_bytes(mj.imaml(loss, 0.1, inner_steps=200))
+    maml_many = temp_bytes(mj.maml(loss, 0.1, inner_steps=200))
+    assert imaml_many <= 1.1 * imaml_few
+    assert maml_many > 5 * imaml_many
+
+
+def test_imaml_bad_arguments():
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        mj.imaml(quadratic_loss, 0.1, lam=0.0)
+    with pytest.raises(ValueError, match="cg_steps must be"):
+        mj.imaml(quadratic_loss, 0.1, cg_steps=0)
