@@ -9,6 +9,7 @@ Public API, flat::
 
 from metajax import inner
 from metajax.meta import (
+    MAMLPlusPlusParams,
     MetaSGDParams,
     anil,
     conjugate_gradient,
@@ -16,7 +17,9 @@ from metajax.meta import (
     imaml,
     implicit_proximal_solver,
     maml,
+    mamlpp,
     metasgd,
+    msl_weights,
     reptile,
 )
 from metajax.types import Batch, Learner, LossFn, PyTree, Task
@@ -24,6 +27,9 @@ from metajax.types import Batch, Learner, LossFn, PyTree, Task
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAMLPlusPlusParams",
+    "mamlpp",
+    "msl_weights",
     "Batch",
     "Learner",
     "LossFn",

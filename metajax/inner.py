@@ -54,6 +54,19 @@ def per_parameter(lrs: PyTree) -> UpdateRule:
     return UpdateRule(lambda params: (), update)
 
 
+def per_layer_per_step(lrs: PyTree) -> UpdateRule:
+    """Gradient descent with one learnable rate per parameter tensor and per inner step.
+
+    ``lrs`` has one leaf ``[inner_steps]`` per parameter leaf; step ``i`` uses ``lrs[...][i]``
+    for the whole tensor (LSLR of Antoniou et al., 2019, "How to train your MAML").
+    """
+
+    def update(grads, state, params, step):
+        return jax.tree.map(lambda p, g, a: p - a[step] * g, params, grads, lrs), state
+
+    return UpdateRule(lambda params: (), update)
+
+
 def from_optax(tx: optax.GradientTransformation) -> UpdateRule:
     """Any optax transformation as a differentiable inner optimiser (e.g. ``optax.adam``)."""
 
@@ -102,8 +115,9 @@ def adapt(
     *,
     has_aux: bool = False,
     mask: PyTree | None = None,
-    first_order: bool = False,
-) -> tuple[PyTree, jax.Array]:
+    first_order: bool | jax.Array = False,
+    after_step: Callable[[PyTree], Any] | None = None,
+) -> tuple:
     """Run ``inner_steps`` steps of ``rule`` on ``loss_fn(., batch)`` starting at ``params``.
 
     Args:
@@ -115,11 +129,15 @@ def adapt(
       mask: optional boolean pytree like ``params``; only ``True`` leaves adapt (ANIL).
       first_order: stop the gradient through the inner gradients (FOMAML): the derivative
         of the result with respect to ``params`` then treats each step's gradient as a
-        constant.
+        constant. May be a traced 0/1 scalar, so that a jitted step switches between first
+        and second order without recompiling (MAML++'s derivative-order annealing).
+      after_step: optional ``after_step(params) -> value`` evaluated on the full parameters
+        after every step (e.g. the query loss of MAML++'s multi-step loss).
 
     Returns:
       ``(fast_params, losses)`` where ``losses [inner_steps]`` is the support loss before each
-      step.
+      step; with ``after_step``, ``(fast_params, losses, values)`` with ``values`` stacked on
+      a leading ``[inner_steps]`` axis.
     """
     if not isinstance(inner_steps, int) or inner_steps < 0:
         raise ValueError(f"inner_steps must be a non-negative Python int, got {inner_steps!r}")
@@ -135,14 +153,26 @@ def adapt(
     def step(carry, i):
         adapted_params, rule_state = carry
         loss, grads = grad_fn(adapted_params)
-        if first_order:
-            grads = jax.lax.stop_gradient(grads)
+        if isinstance(first_order, bool):
+            if first_order:
+                grads = jax.lax.stop_gradient(grads)
+        else:
+            # Same value either way; the derivative through the gradient is scaled by 0 or 1.
+            weight = jnp.asarray(first_order, jnp.float32)
+            grads = jax.tree.map(
+                lambda g: g + weight.astype(g.dtype) * (jax.lax.stop_gradient(g) - g), grads
+            )
         adapted_params, rule_state = rule.update(grads, rule_state, adapted_params, i)
-        return (adapted_params, rule_state), loss
+        out = loss
+        if after_step is not None:
+            out = (loss, after_step(combine(adapted_params, frozen, mask)))
+        return (adapted_params, rule_state), out
 
     carry = (adapted, rule.init(adapted))
-    (adapted, _), losses = jax.lax.scan(step, carry, jnp.arange(inner_steps, dtype=jnp.int32))
-    return combine(adapted, frozen, mask), losses
+    (adapted, _), outs = jax.lax.scan(step, carry, jnp.arange(inner_steps, dtype=jnp.int32))
+    if after_step is not None:
+        return combine(adapted, frozen, mask), outs[0], outs[1]
+    return combine(adapted, frozen, mask), outs
 
 
 def task_axis_mean(tree: Any) -> Any:

@@ -2,10 +2,14 @@
 
 from metajax.meta.imaml import conjugate_gradient, imaml, implicit_proximal_solver
 from metajax.meta.maml import anil, head_mask, maml
+from metajax.meta.mamlpp import MAMLPlusPlusParams, mamlpp, msl_weights
 from metajax.meta.metasgd import MetaSGDParams, metasgd
 from metajax.meta.reptile import reptile
 
 __all__ = [
+    "MAMLPlusPlusParams",
+    "mamlpp",
+    "msl_weights",
     "MetaSGDParams",
     "anil",
     "conjugate_gradient",
