@@ -117,6 +117,7 @@ def adapt(
     mask: PyTree | None = None,
     first_order: bool | jax.Array = False,
     after_step: Callable[[PyTree], Any] | None = None,
+    remat: bool = False,
 ) -> tuple:
     """Run ``inner_steps`` steps of ``rule`` on ``loss_fn(., batch)`` starting at ``params``.
 
@@ -133,6 +134,9 @@ def adapt(
         and second order without recompiling (MAML++'s derivative-order annealing).
       after_step: optional ``after_step(params) -> value`` evaluated on the full parameters
         after every step (e.g. the query loss of MAML++'s multi-step loss).
+      remat: rematerialise each step in the backward pass (``jax.checkpoint`` on the scan
+        body): only the parameters between steps are stored, not each step's activations,
+        trading one more forward pass per step for memory.
 
     Returns:
       ``(fast_params, losses)`` where ``losses [inner_steps]`` is the support loss before each
@@ -169,6 +173,8 @@ def adapt(
         return (adapted_params, rule_state), out
 
     carry = (adapted, rule.init(adapted))
+    if remat:
+        step = jax.checkpoint(step)
     (adapted, _), outs = jax.lax.scan(step, carry, jnp.arange(inner_steps, dtype=jnp.int32))
     if after_step is not None:
         return combine(adapted, frozen, mask), outs[0], outs[1]

@@ -294,3 +294,29 @@ def test_inner_optax_rule_matches_sgd():
 def test_bad_arguments_raise_early(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_remat_gives_the_same_gradient_with_less_memory():
+    def wide_loss(params, batch):
+        x, y = batch
+        h = jnp.tanh(x @ params["w1"])
+        h = jnp.tanh(h @ params["w2"])
+        return jnp.mean((h @ params["w3"] - y) ** 2)
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(16), 3)
+    params = {
+        "w1": jax.random.normal(k1, (1, 128)) * 0.5,
+        "w2": jax.random.normal(k2, (128, 128)) / 12,
+        "w3": jax.random.normal(k3, (128, 1)) / 12,
+    }
+    tasks = regression_tasks(jax.random.PRNGKey(17), tasks=2, n=256, dtype=jnp.float32)
+    plain = mj.maml(wide_loss, 0.1, 20)
+    remat = mj.maml(wide_loss, 0.1, 20, remat=True)
+    chex.assert_trees_all_close(plain.meta_grad(params, tasks)[0],
+                                remat.meta_grad(params, tasks)[0], rtol=1e-4, atol=1e-6)
+
+    def temp_bytes(learner):
+        compiled = jax.jit(learner.meta_grad).lower(params, tasks).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(remat) < 0.5 * temp_bytes(plain)

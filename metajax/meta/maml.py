@@ -24,6 +24,7 @@ def maml(
     first_order: bool = False,
     has_aux: bool = False,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+    remat: bool = False,
 ) -> Learner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -42,6 +43,8 @@ def maml(
         reported under ``metrics["aux"]``.
       mask: boolean pytree like the params, or a function ``params -> mask``; only ``True``
         leaves adapt in the inner loop (how :func:`anil` is built). ``None`` adapts all.
+      remat: rematerialise each inner step in the backward pass (``jax.checkpoint``): memory
+        for activations no longer grows with ``inner_steps``, at the cost of recomputation.
 
     Returns:
       A :class:`~metajax.types.Learner`; its meta-parameters are the model parameters.
@@ -60,6 +63,7 @@ def maml(
             has_aux=has_aux,
             mask=mask(params) if callable(mask) else mask,
             first_order=first_order,
+            remat=remat,
         )
 
     def identity(params: PyTree) -> PyTree:
