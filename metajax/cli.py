@@ -120,7 +120,12 @@ def _train_config(args) -> tuple[Config, Path]:
 
 def _cmd_train(args) -> int:
     config, run_dir = _train_config(args)
-    from metajax.presets.build import build_learner, build_optimizer, build_problem
+    from metajax.presets.build import (
+        build_learner,
+        build_meta_grad_schedule,
+        build_optimizer,
+        build_problem,
+    )
     from metajax.train.loop import train
 
     problem = build_problem(config)
@@ -128,7 +133,8 @@ def _cmd_train(args) -> int:
     print(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
           f"{config.steps} meta-steps -> {run_dir}", file=sys.stderr)
     summary = train(config, problem, learner, build_optimizer(config), run_dir,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress,
+                    meta_grad_schedule=build_meta_grad_schedule(config))
     print(json.dumps(summary))
     return 0
 

@@ -154,18 +154,44 @@ def build_learner(config: Config, problem: Problem) -> mj.Learner:
     """The meta-learner named by ``config.algorithm`` with its inner-loop settings."""
     lr, steps, aux, loss_fn = config.inner_lr, config.inner_steps, problem.has_aux, problem.loss_fn
     return {
-        "maml": lambda: mj.maml(loss_fn, lr, steps, has_aux=aux),
+        "maml": lambda: mj.maml(loss_fn, lr, steps, has_aux=aux, remat=config.remat),
         "fomaml": lambda: mj.maml(loss_fn, lr, steps, first_order=True, has_aux=aux),
         "reptile": lambda: mj.reptile(loss_fn, lr, steps, has_aux=aux),
         "metasgd": lambda: mj.metasgd(loss_fn, lr, steps, has_aux=aux),
         "anil": lambda: mj.anil(loss_fn, lr, steps, has_aux=aux),
+        "imaml": lambda: mj.imaml(loss_fn, lr, steps, lam=config.lam, cg_steps=config.cg_steps,
+                                  has_aux=aux),
+        "mamlpp": lambda: mj.mamlpp(loss_fn, lr, steps, multi_step_loss=config.msl,
+                                    learnable_lrs=config.lslr, has_aux=aux),
     }[config.algorithm]()
+
+
+def build_meta_grad_schedule(config: Config) -> Callable[[jax.Array], dict] | None:
+    """Keyword arguments of ``meta_grad`` as a function of the (traced) meta-step, or None.
+
+    For MAML++: the multi-step-loss weights of the current epoch and the derivative-order
+    switch (first order during the first ``first_order_epochs`` epochs); both are traced
+    values, so the compiled step never changes.
+    """
+    if config.algorithm != "mamlpp":
+        return None
+
+    def schedule(step):
+        epoch = step // config.iters_per_epoch
+        return {
+            "step_weights": mj.msl_weights(config.inner_steps, epoch, config.msl_anneal_epochs),
+            "first_order": (epoch < config.first_order_epochs).astype(jnp.float32),
+        }
+
+    return schedule
 
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:
     """The outer optimiser with its learning-rate schedule."""
     if config.outer_lr_schedule == "linear":
         lr = optax.linear_schedule(config.outer_lr, 0.0, config.steps)
+    elif config.outer_lr_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(config.outer_lr, config.steps, alpha=0.01)
     else:
         lr = config.outer_lr
     return {"adam": optax.adam, "sgd": optax.sgd}[config.outer_optimizer](lr)

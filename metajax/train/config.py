@@ -8,11 +8,11 @@ import types
 import typing
 from pathlib import Path
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "mamlpp")
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OMNIGLOT_SPLITS = ("maml", "alphabets")
 OUTER_OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,8 @@ class Config:
     Attributes:
       preset: the preset this configuration started from.
       dataset: ``sinusoid``, ``omniglot`` or ``miniimagenet``.
-      algorithm: one of ``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``.
+      algorithm: one of ``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``, ``imaml``,
+        ``mamlpp``.
       ways: classes per task (N) for classification; unused by sinusoid.
       shots: support examples per task (K); per class for classification.
       queries: query examples per task (per class for classification) in training.
@@ -35,7 +36,8 @@ class Config:
       inner_steps: inner-loop steps in training.
       outer_lr: outer (meta) learning rate (beta).
       outer_optimizer: ``adam`` or ``sgd``.
-      outer_lr_schedule: ``constant``, or ``linear`` decay to zero over the run.
+      outer_lr_schedule: ``constant``, ``linear`` decay to zero over the run, or ``cosine``
+        decay to ``outer_lr / 100`` over the run (MAML++'s CA).
       steps: meta-steps (outer updates).
       seed: seeds initialisation, tasks and everything random in the run.
       hidden: width of each hidden layer of the MLP.
@@ -45,6 +47,15 @@ class Config:
       eval_tasks: tasks per validation evaluation.
       eval_queries: query examples per task (per class) at evaluation.
       eval_inner_steps: inner steps at validation and test (0: ``inner_steps``).
+      remat: rematerialise MAML's inner steps in the backward pass (less memory).
+      lam: iMAML's proximal strength lambda.
+      cg_steps: iMAML's conjugate-gradient iterations.
+      msl: MAML++ multi-step loss.
+      lslr: MAML++ learnable per-layer per-step inner learning rates.
+      iters_per_epoch: meta-steps per MAML++ "epoch" (its schedules count epochs).
+      msl_anneal_epochs: epochs over which MSL weights move to the final step.
+      first_order_epochs: MAML++ derivative-order annealing: first order for this many
+        epochs, then second order (0: second order throughout).
       time_budget_s: stop after the first chunk that ends past this many seconds of training
         (0: no budget); the run is then shorter than ``steps`` and says so.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
@@ -73,6 +84,14 @@ class Config:
     eval_tasks: int = 100
     eval_queries: int = 100
     eval_inner_steps: int = 0
+    remat: bool = False
+    lam: float = 2.0
+    cg_steps: int = 5
+    msl: bool = True
+    lslr: bool = True
+    iters_per_epoch: int = 500
+    msl_anneal_epochs: int = 10
+    first_order_epochs: int = 0
     time_budget_s: float = 0.0
     data_dir: str = ""
     split: str = "maml"
@@ -86,6 +105,8 @@ class Config:
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
             if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
         positive = [
             "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
             "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries",
@@ -93,6 +114,11 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("lam", "cg_steps", "iters_per_epoch", "msl_anneal_epochs"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.first_order_epochs < 0:
+            raise ConfigError(f"first_order_epochs must be >= 0, got {self.first_order_epochs!r}")
         if self.eval_inner_steps < 0:
             raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps!r}")
         if self.dataset != "sinusoid" and self.ways < 2:

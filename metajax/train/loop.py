@@ -32,20 +32,23 @@ def make_train_chunk(
     learner: Learner,
     optimizer: optax.GradientTransformation,
     sample_tasks: Callable[[jax.Array], PyTree],
+    meta_grad_schedule: Callable[[jax.Array], dict] | None = None,
 ) -> Callable:
     """A jitted ``chunk(meta_params, opt_state, key, start, length)`` running ``length`` steps.
 
     Meta-step ``s`` samples its tasks on device with ``fold_in(key, s)``, takes the
     meta-gradient and applies the optimiser; ``length`` steps run in one ``lax.scan``, so a
     whole chunk is one compiled call with no host round-trip. The result does not depend on
-    how the run is cut into chunks. Returns ``(meta_params, opt_state, metrics)`` where each
-    metric has a leading ``[length]`` axis.
+    how the run is cut into chunks. ``meta_grad_schedule(step) -> kwargs`` passes
+    step-dependent keyword arguments to ``meta_grad`` (MAML++'s annealing). Returns
+    ``(meta_params, opt_state, metrics)`` where each metric has a leading ``[length]`` axis.
     """
 
     def meta_step(carry, step):
         meta_params, opt_state, key = carry
         tasks = sample_tasks(jax.random.fold_in(key, step))
-        grads, metrics = learner.meta_grad(meta_params, tasks)
+        kwargs = meta_grad_schedule(step) if meta_grad_schedule else {}
+        grads, metrics = learner.meta_grad(meta_params, tasks, **kwargs)
         updates, opt_state = optimizer.update(grads, opt_state, meta_params)
         meta_params = optax.apply_updates(meta_params, updates)
         return (meta_params, opt_state, key), metrics
@@ -117,6 +120,7 @@ def train(
     run_dir: str | Path,
     *,
     progress: bool = True,
+    meta_grad_schedule: Callable[[jax.Array], dict] | None = None,
 ) -> dict:
     """Train ``learner`` on ``problem`` for ``config.steps`` meta-steps, logging to ``run_dir``.
 
@@ -145,7 +149,7 @@ def train(
         return problem.sample_tasks(key, config.meta_batch_size, config.shots, config.queries,
                                     "train")
 
-    chunk = make_train_chunk(learner, optimizer, sample)
+    chunk = make_train_chunk(learner, optimizer, sample, meta_grad_schedule)
     evaluate = make_evaluator(learner, problem)
     metric = problem.metric_name
     higher_is_better = metric == "accuracy"
