@@ -7,7 +7,7 @@ Public API, flat::
     grads, metrics = learner.meta_grad(meta_params, mj.Task(support, query))
 """
 
-from metajax import inner
+from metajax import continual, inner
 from metajax.meta import (
     MAMLPlusPlusParams,
     MetaSGDParams,
@@ -38,6 +38,7 @@ __all__ = [
     "Task",
     "anil",
     "conjugate_gradient",
+    "continual",
     "head_mask",
     "imaml",
     "implicit_proximal_solver",

@@ -1,0 +1,68 @@
+"""Continual learning: replay memories, gradient projections and metrics, as pure functions.
+
+Memories are fixed-shape pytrees updated by pure functions (jit-able, sampled on device)::
+
+    buffer = mj.continual.reservoir_init(capacity=200, example_x=x[0], example_y=y[0])
+    buffer = mj.continual.reservoir_add_batch(buffer, key, x, y, task_id)
+    replay = mj.continual.buffer_sample(buffer, key, batch_size=10)   # x, y, task, valid
+
+Projections keep an update from raising the loss on past tasks (A-GEM, GEM)::
+
+    g = mj.continual.project_agem(g, g_ref)
+    g = mj.continual.project_gem(g, G)          # G: past-task gradients, [t, ...] per leaf
+
+and :func:`metrics` turns the accuracy matrix ``R [T, T]`` into ACC/RA, BWT/BTI,
+forgetting, FWT and LCA.
+"""
+
+from metajax.continual.memory import (
+    EpisodicMemory,
+    ReplaySample,
+    ReservoirBuffer,
+    buffer_sample,
+    episodic_add,
+    episodic_init,
+    episodic_sample,
+    episodic_valid,
+    reservoir_add,
+    reservoir_add_batch,
+    reservoir_init,
+)
+from metajax.continual.metrics import metrics
+from metajax.continual.projections import nnls, project_agem, project_gem
+from metajax.continual.stream import (
+    PROTOCOLS,
+    Stream,
+    many_permutations_mnist,
+    permuted_mnist,
+    protocol_stream,
+    rotated_mnist,
+    split_cifar100,
+    split_omniglot,
+)
+
+__all__ = [
+    "PROTOCOLS",
+    "Stream",
+    "many_permutations_mnist",
+    "permuted_mnist",
+    "protocol_stream",
+    "rotated_mnist",
+    "split_cifar100",
+    "split_omniglot",
+    "EpisodicMemory",
+    "ReplaySample",
+    "ReservoirBuffer",
+    "buffer_sample",
+    "episodic_add",
+    "episodic_init",
+    "episodic_sample",
+    "episodic_valid",
+    "metrics",
+    "nnls",
+    "project_agem",
+    "project_gem",
+    "reservoir_add",
+    "reservoir_add_batch",
+    "reservoir_init",
+]

@@ -1,0 +1,376 @@
+"""Replay memories as fixed-shape pytrees: a reservoir buffer and a per-task episodic memory.
+
+Every memory is a ``NamedTuple`` of arrays whose shapes never change, plus integer counters,
+so adding and sampling are pure functions that run under ``jit`` and inside ``lax.scan``,
+with the randomness drawn on device. Stored inputs and targets may be arrays or pytrees of
+arrays; each leaf gains a leading memory axis.
+
+- :class:`ReservoirBuffer`: one buffer over the whole stream, filled by Vitter's Algorithm R
+  (Vitter, 1985, "Random Sampling with a Reservoir"), so that after ``n`` offered examples
+  each of them is stored with probability ``min(1, capacity / n)``; the memory of experience
+  replay in Chaudhry et al., 2019, "On Tiny Episodic Memories in Continual Learning" and of
+  MER / La-MAML.
+- :class:`EpisodicMemory`: ``per_task`` slots for each task, written as a ring, so each task
+  keeps its most recent examples; the memory of GEM (Lopez-Paz and Ranzato, 2017, "Gradient
+  Episodic Memory for Continual Learning") and A-GEM (Chaudhry et al., 2019, "Efficient
+  Lifelong Learning with A-GEM").
+
+Sampling draws with replacement and has a fixed output shape; a ``valid [batch]`` mask says
+which drawn rows are real examples (all ``False`` while nothing eligible is stored), so a
+caller weights the replay loss by the mask instead of branching in Python.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metajax.types import PyTree
+
+
+class ReservoirBuffer(NamedTuple):
+    """A reservoir-sampled replay buffer.
+
+    Attributes:
+      x: stored inputs, each leaf ``[capacity, *example_shape]``.
+      y: stored targets, each leaf ``[capacity, *target_shape]`` (``[capacity]`` for labels).
+      task: ``[capacity]`` int32, the task id each stored example came from.
+      seen: ``[]`` int32, how many stream examples have been offered so far (int32, so at
+        most ``2**31 - 1`` examples).
+      size: ``[]`` int32, how many slots are filled, ``min(seen, capacity)``; slots
+        ``0 .. size - 1`` are the filled ones.
+    """
+
+    x: PyTree
+    y: PyTree
+    task: jax.Array
+    seen: jax.Array
+    size: jax.Array
+
+
+class EpisodicMemory(NamedTuple):
+    """A per-task ring-buffer memory (GEM, A-GEM).
+
+    Attributes:
+      x: stored inputs, each leaf ``[num_tasks, per_task, *example_shape]``.
+      y: stored targets, each leaf ``[num_tasks, per_task, *target_shape]``.
+      count: ``[num_tasks]`` int32, how many examples were ever written for each task; task
+        ``k`` holds ``min(count[k], per_task)`` examples in slots ``0 .. that - 1``.
+    """
+
+    x: PyTree
+    y: PyTree
+    count: jax.Array
+
+
+class ReplaySample(NamedTuple):
+    """A batch drawn from a memory.
+
+    Attributes:
+      x: inputs, each leaf ``[batch, *example_shape]``.
+      y: targets, each leaf ``[batch, *target_shape]``.
+      task: ``[batch]`` int32, the task id of each drawn example.
+      valid: ``[batch]`` bool; ``False`` rows are placeholders (zeros, task 0) drawn while no
+        eligible example is stored and must be masked out of any loss.
+    """
+
+    x: PyTree
+    y: PyTree
+    task: jax.Array
+    valid: jax.Array
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a Python int >= 1, got {value!r}")
+
+
+def _stacked_zeros(leading: tuple[int, ...], example: PyTree) -> PyTree:
+    """Zeros of shape ``[*leading, *leaf.shape]`` for every leaf of one ``example``."""
+
+    def zeros(leaf):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            leaf = jnp.asarray(leaf)
+        return jnp.zeros((*leading, *leaf.shape), leaf.dtype)
+
+    return jax.tree.map(zeros, example)
+
+
+def _check_like(name: str, stored: PyTree, value: PyTree, axes: int, batched: bool) -> None:
+    """Check that ``value`` looks like one example (or a batch of them) of the ``stored`` ones.
+
+    Stored leaves carry ``axes`` memory axes in front of the example shape; ``value`` leaves
+    must have the example shape, behind one batch axis when ``batched``. Shapes are static,
+    so this runs at trace time and raises before anything is compiled.
+    """
+    if jax.tree.structure(stored) != jax.tree.structure(value):
+        raise ValueError(
+            f"{name} has structure {jax.tree.structure(value)} but the memory stores "
+            f"{jax.tree.structure(stored)}; pass examples shaped like the init example"
+        )
+    for s, v in zip(jax.tree.leaves(stored), jax.tree.leaves(value), strict=True):
+        example_shape = tuple(s.shape[axes:])
+        shape = tuple(jnp.shape(v))
+        if len(shape) != batched + len(example_shape) or shape[batched:] != example_shape:
+            expected = f"[batch, *{list(example_shape)}]" if batched else str(list(example_shape))
+            raise ValueError(
+                f"{name} leaf has shape {list(shape)}, expected {expected} "
+                "(the example shape given at init)"
+            )
+
+
+def _write(stored: PyTree, index, value: PyTree) -> PyTree:
+    """``stored.at[index].set(value)`` on every leaf; out-of-range indices write nothing."""
+    return jax.tree.map(
+        lambda s, v: s.at[index].set(jnp.asarray(v).astype(s.dtype), mode="drop"), stored, value
+    )
+
+
+def _gather(stored: PyTree, index) -> PyTree:
+    return jax.tree.map(lambda s: s[index], stored)
+
+
+def reservoir_init(capacity: int, example_x: PyTree, example_y: PyTree) -> ReservoirBuffer:
+    """An empty reservoir of ``capacity`` slots for examples shaped like the given ones.
+
+    Args:
+      capacity: number of slots (Python int >= 1).
+      example_x: one input (no leading batch axis), an array, ``jax.ShapeDtypeStruct`` or a
+        pytree of them; only shapes and dtypes are used.
+      example_y: one target, likewise (e.g. ``jnp.int32(0)`` for a class label).
+
+    Returns:
+      A :class:`ReservoirBuffer` of zeros with ``seen = size = 0``.
+    """
+    _check_count("capacity", capacity)
+    return ReservoirBuffer(
+        x=_stacked_zeros((capacity,), example_x),
+        y=_stacked_zeros((capacity,), example_y),
+        task=jnp.zeros((capacity,), jnp.int32),
+        seen=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
+    )
+
+
+def reservoir_add(
+    buffer: ReservoirBuffer, key: jax.Array, x: PyTree, y: PyTree, task_id
+) -> ReservoirBuffer:
+    """Offer one stream example to the reservoir (Vitter's Algorithm R).
+
+    With ``n = seen`` examples offered before this one: while ``n < capacity`` the example is
+    appended in slot ``n``; afterwards ``j ~ Uniform{0, ..., n}`` is drawn and the example
+    replaces slot ``j`` if ``j < capacity``, and is dropped otherwise. By induction every one
+    of the ``n + 1`` examples offered so far is then stored with probability
+    ``capacity / (n + 1)``.
+
+    Args:
+      buffer: the current :class:`ReservoirBuffer`.
+      key: a PRNG key, used only once the buffer is full.
+      x: one input, shaped like ``example_x`` at init.
+      y: one target, shaped like ``example_y`` at init.
+      task_id: int scalar (may be traced), stored with the example.
+
+    Returns:
+      The new buffer; ``seen`` grows by one.
+    """
+    _check_like("x", buffer.x, x, 1, batched=False)
+    _check_like("y", buffer.y, y, 1, batched=False)
+    capacity = buffer.task.shape[0]
+    j = jax.random.randint(key, (), 0, buffer.seen + 1, dtype=jnp.int32)
+    # A slot >= capacity means "not kept"; the drop-mode write then leaves the buffer as is.
+    slot = jnp.where(buffer.seen < capacity, buffer.seen, j)
+    seen = buffer.seen + 1
+    return ReservoirBuffer(
+        x=_write(buffer.x, slot, x),
+        y=_write(buffer.y, slot, y),
+        task=buffer.task.at[slot].set(jnp.asarray(task_id, jnp.int32), mode="drop"),
+        seen=seen,
+        size=jnp.minimum(seen, capacity).astype(jnp.int32),
+    )
+
+
+def reservoir_add_batch(
+    buffer: ReservoirBuffer, key: jax.Array, xs: PyTree, ys: PyTree, task_id
+) -> ReservoirBuffer:
+    """Offer a batch of stream examples one after the other (a ``lax.scan`` of
+    :func:`reservoir_add`), which is the same as offering them in a row.
+
+    Args:
+      buffer: the current :class:`ReservoirBuffer`.
+      key: a PRNG key, split once per example.
+      xs: inputs, each leaf ``[batch, *example_shape]``.
+      ys: targets, each leaf ``[batch, *target_shape]``.
+      task_id: an int scalar for the whole batch or an int ``[batch]`` array.
+
+    Returns:
+      The new buffer; ``seen`` grows by ``batch``.
+    """
+    _check_like("xs", buffer.x, xs, 1, batched=True)
+    _check_like("ys", buffer.y, ys, 1, batched=True)
+    batch = jax.tree.leaves(xs)[0].shape[0]
+    for leaf in jax.tree.leaves((xs, ys)):
+        if leaf.shape[0] != batch:
+            raise ValueError(
+                f"xs and ys leaves must share the batch axis, got {leaf.shape[0]} and {batch}"
+            )
+    task_ids = jnp.asarray(task_id, jnp.int32)
+    if task_ids.ndim not in (0, 1) or (task_ids.ndim == 1 and task_ids.shape[0] != batch):
+        raise ValueError(
+            f"task_id must be a scalar or a [batch={batch}] array, got shape {task_ids.shape}"
+        )
+    task_ids = jnp.broadcast_to(task_ids, (batch,))
+
+    def add_one(buf, inputs):
+        k, x, y, t = inputs
+        return reservoir_add(buf, k, x, y, t), None
+
+    buffer, _ = jax.lax.scan(add_one, buffer, (jax.random.split(key, batch), xs, ys, task_ids))
+    return buffer
+
+
+def buffer_sample(buffer: ReservoirBuffer, key: jax.Array, batch_size: int) -> ReplaySample:
+    """Draw ``batch_size`` examples uniformly from the filled slots, with replacement.
+
+    The output shape is fixed whatever ``size`` is. While the buffer is empty nothing can be
+    drawn: every row is then slot 0 (zeros) and ``valid`` is all ``False``.
+
+    Args:
+      buffer: a :class:`ReservoirBuffer`.
+      key: a PRNG key.
+      batch_size: number of draws (Python int >= 1).
+
+    Returns:
+      A :class:`ReplaySample` with ``x``, ``y`` leaves ``[batch_size, ...]``, ``task`` and
+      ``valid`` ``[batch_size]``.
+    """
+    _check_count("batch_size", batch_size)
+    index = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buffer.size, 1))
+    return ReplaySample(
+        x=_gather(buffer.x, index),
+        y=_gather(buffer.y, index),
+        task=buffer.task[index],
+        valid=jnp.broadcast_to(buffer.size > 0, (batch_size,)),
+    )
+
+
+def episodic_init(
+    num_tasks: int, per_task: int, example_x: PyTree, example_y: PyTree
+) -> EpisodicMemory:
+    """An empty episodic memory of ``per_task`` slots for each of ``num_tasks`` tasks.
+
+    Args:
+      num_tasks: number of tasks in the stream (Python int >= 1).
+      per_task: slots per task (Python int >= 1), GEM's ``n_memories``.
+      example_x: one input, as in :func:`reservoir_init`.
+      example_y: one target, likewise.
+
+    Returns:
+      An :class:`EpisodicMemory` of zeros with every ``count`` 0.
+    """
+    _check_count("num_tasks", num_tasks)
+    _check_count("per_task", per_task)
+    return EpisodicMemory(
+        x=_stacked_zeros((num_tasks, per_task), example_x),
+        y=_stacked_zeros((num_tasks, per_task), example_y),
+        count=jnp.zeros((num_tasks,), jnp.int32),
+    )
+
+
+def episodic_add(memory: EpisodicMemory, x: PyTree, y: PyTree, task_id) -> EpisodicMemory:
+    """Ring-write a batch into the slots of task ``task_id``.
+
+    Example ``i`` of the batch goes to slot ``(count[task_id] + i) % per_task``, so each task
+    keeps its ``per_task`` most recent examples and the oldest are overwritten first. GEM's
+    reference code also writes its memory as a ring, but cuts a batch at the end of the
+    buffer and drops the remainder; here the write wraps around instead. A batch longer than
+    ``per_task`` leaves its last ``per_task`` examples.
+
+    Args:
+      memory: the current :class:`EpisodicMemory`.
+      x: inputs, each leaf ``[batch, *example_shape]``.
+      y: targets, each leaf ``[batch, *target_shape]``.
+      task_id: int scalar in ``[0, num_tasks)``. A Python int out of range raises; a traced
+        one out of range writes nothing.
+
+    Returns:
+      The new memory; ``count[task_id]`` grows by ``batch``.
+    """
+    _check_like("x", memory.x, x, 2, batched=True)
+    _check_like("y", memory.y, y, 2, batched=True)
+    num_tasks = memory.count.shape[0]
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    batch = jax.tree.leaves(x)[0].shape[0]
+    for leaf in jax.tree.leaves((x, y)):
+        if leaf.shape[0] != batch:
+            raise ValueError(
+                f"x and y leaves must share the batch axis, got {leaf.shape[0]} and {batch}"
+            )
+    if isinstance(task_id, numbers.Integral) and not 0 <= task_id < num_tasks:
+        raise ValueError(f"task_id must be in [0, {num_tasks}), got {task_id}")
+    skipped = max(batch - per_task, 0)
+    if skipped:
+        # Only the last per_task examples survive; writing the rest would collide with them.
+        x = jax.tree.map(lambda leaf: leaf[skipped:], x)
+        y = jax.tree.map(lambda leaf: leaf[skipped:], y)
+    task_id = jnp.asarray(task_id, jnp.int32)
+    in_range = (task_id >= 0) & (task_id < num_tasks)
+    row = jnp.where(in_range, task_id, num_tasks)
+    start = memory.count[jnp.clip(task_id, 0, num_tasks - 1)] + skipped
+    slots = (start + jnp.arange(batch - skipped, dtype=jnp.int32)) % per_task
+    return EpisodicMemory(
+        x=_write(memory.x, (row, slots), x),
+        y=_write(memory.y, (row, slots), y),
+        count=memory.count.at[row].add(batch, mode="drop"),
+    )
+
+
+def episodic_valid(memory: EpisodicMemory) -> jax.Array:
+    """``[num_tasks, per_task]`` bool: which slots hold a stored example."""
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    filled = jnp.minimum(memory.count, per_task)
+    return jnp.arange(per_task)[None, :] < filled[:, None]
+
+
+def episodic_sample(
+    memory: EpisodicMemory, key: jax.Array, batch_size: int, up_to_task
+) -> ReplaySample:
+    """Draw ``batch_size`` examples uniformly from the stored examples of tasks ``< up_to_task``.
+
+    Every stored example of tasks ``0 .. up_to_task - 1`` is equally likely (so a task weighs
+    in proportion to how many examples it holds), drawn with replacement, as A-GEM's
+    reference batch is drawn from the memory of all past tasks. While none of those tasks
+    holds anything, every row is a placeholder and ``valid`` is all ``False``.
+
+    Args:
+      memory: an :class:`EpisodicMemory`.
+      key: a PRNG key.
+      batch_size: number of draws (Python int >= 1).
+      up_to_task: int scalar (may be traced), the first task *not* sampled from; the current
+        task's id gives replay of the past tasks only.
+
+    Returns:
+      A :class:`ReplaySample` with ``x``, ``y`` leaves ``[batch_size, ...]``, ``task`` and
+      ``valid`` ``[batch_size]``.
+    """
+    _check_count("batch_size", batch_size)
+    num_tasks = memory.count.shape[0]
+    if isinstance(up_to_task, numbers.Integral) and not 0 <= up_to_task <= num_tasks:
+        raise ValueError(f"up_to_task must be in [0, {num_tasks}], got {up_to_task}")
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    eligible = jnp.arange(num_tasks) < up_to_task
+    filled = jnp.where(eligible, jnp.minimum(memory.count, per_task), 0)
+    ends = jnp.cumsum(filled)
+    total = ends[-1]
+    flat = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
+    # Draw k lies in task i when ends[i - 1] <= k < ends[i]; empty tasks own no draw.
+    task = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), num_tasks - 1)
+    slot = flat - (ends[task] - filled[task])
+    return ReplaySample(
+        x=_gather(memory.x, (task, slot)),
+        y=_gather(memory.y, (task, slot)),
+        task=task.astype(jnp.int32),
+        valid=jnp.broadcast_to(total > 0, (batch_size,)),
+    )

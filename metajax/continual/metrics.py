@@ -1,0 +1,109 @@
+"""Continual-learning metrics from the accuracy matrix.
+
+``R [T, T]`` holds ``R[i, j]``, the test accuracy on task ``j`` after training on tasks
+``0 .. i`` (rows: training stages, columns: evaluated tasks); accuracies are fractions in
+``[0, 1]``. Indices below are 0-based, so the last stage is ``T - 1``.
+
+- ACC, average accuracy (Lopez-Paz and Ranzato, 2017, "Gradient Episodic Memory for
+  Continual Learning"; Chaudhry et al., 2019, "Efficient Lifelong Learning with A-GEM"):
+  ``ACC = 1/T sum_j R[T-1, j]``. La-MAML's retained accuracy RA (Gupta et al., 2020,
+  "La-MAML: Look-ahead Meta Learning for Continual Learning") is the same number.
+- BWT, backward transfer (GEM): ``BWT = 1/(T-1) sum_{j<T-1} (R[T-1, j] - R[j, j])``;
+  negative when learning later tasks hurt earlier ones. La-MAML's backward transfer and
+  interference BTI is the same number.
+- FWT, forward transfer (GEM): ``FWT = 1/(T-1) sum_{j>0} (R[j-1, j] - b_j)`` with ``b_j``
+  the accuracy on task ``j`` of the model at its random initialisation.
+- Forgetting (A-GEM; Chaudhry et al., 2018, "Riemannian Walk for Incremental Learning"):
+  ``f_j = max_{l<T-1} R[l, j] - R[T-1, j]``, the drop from the best accuracy task ``j``
+  ever had to its final one, averaged over ``j < T-1``.
+- Forgetting since learned: ``R[j, j] - R[T-1, j]``, the drop from the accuracy right after
+  training on task ``j``, averaged over ``j < T-1``; it equals ``-BWT``. Papers that write
+  just "forgetting" mean one or the other; the keys below keep them apart.
+- LCA, learning curve area (A-GEM): ``LCA_beta = 1/(beta+1) sum_{b=0..beta} Z_b``
+  with ``Z_b = 1/T sum_k a_{k,b,k}``, the accuracy on task ``k`` after ``b`` mini-batches
+  of training on it, averaged over tasks; it measures how fast new tasks are learned.
+
+GEM's reference script averages BWT and FWT over all ``T`` tasks, counting a ``0`` for the
+last (BWT) or first (FWT) one, so it reports ``(T-1)/T`` times the values defined above;
+here the averages are over the ``T - 1`` tasks for which the quantity exists, as in the
+papers' equations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_accuracies(name: str, values, shape_text: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be finite, got {array}")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        hint = " (percentages? divide by 100)" if array.max() <= 100.0 else ""
+        raise ValueError(
+            f"{name} must hold accuracies in [0, 1], got values in "
+            f"[{array.min():g}, {array.max():g}]{hint}; shape should be {shape_text}"
+        )
+    return array
+
+
+def metrics(acc_matrix, *, random_init_acc=None, lca_curve=None) -> dict[str, float]:
+    """ACC/RA, BWT/BTI, both forgettings, and optionally FWT and LCA, from ``R [T, T]``.
+
+    The definitions, with their papers, are in this module's docstring.
+
+    Args:
+      acc_matrix: ``R [T, T]`` (numpy, jax or nested lists), ``R[i, j]`` the accuracy on task
+        ``j`` after training on task ``i``, in ``[0, 1]``. FWT reads the entries just above
+        the diagonal, so they must be evaluated when ``random_init_acc`` is given.
+      random_init_acc: optional ``b [T]``, the accuracy on each task of the randomly
+        initialised model before any training; adds ``"fwt"``.
+      lca_curve: optional ``[T, beta + 1]``, entry ``[k, b]`` the accuracy on task ``k``
+        after ``b`` mini-batches of training on task ``k`` (column 0: before any); adds
+        ``"lca"``, ``LCA_beta`` with ``beta`` the number of columns minus one.
+
+    Returns:
+      A dict of Python floats: ``"acc"``, ``"ra"`` (same value), and when ``T >= 2``
+      ``"bwt"``, ``"bti"`` (same value), ``"forgetting"`` (A-GEM's, from the best earlier
+      accuracy) and ``"forgetting_since_learned"`` (from ``R[j, j]``, ``= -bwt``); plus
+      ``"fwt"`` (``T >= 2``) and ``"lca"`` when their inputs are given. Quantities that
+      average over the ``T - 1`` earlier tasks are left out for ``T = 1``, where they are
+      undefined.
+    """
+    R = _as_accuracies("acc_matrix", acc_matrix, "[T, T]")
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] == 0:
+        raise ValueError(
+            f"acc_matrix must be a non-empty square [T, T] matrix (row i: after training task "
+            f"i; column j: accuracy on task j), got shape {R.shape}"
+        )
+    T = R.shape[0]
+    final = R[T - 1]
+    out = {"acc": float(final.mean())}
+    out["ra"] = out["acc"]
+    if T >= 2:
+        earlier = np.arange(T - 1)
+        drop_since_learned = R[earlier, earlier] - final[:-1]
+        best_before_last = R[: T - 1, : T - 1].max(axis=0)
+        out["bwt"] = float(-drop_since_learned.mean())
+        out["bti"] = out["bwt"]
+        out["forgetting"] = float((best_before_last - final[:-1]).mean())
+        out["forgetting_since_learned"] = float(drop_since_learned.mean())
+    if random_init_acc is not None:
+        b = _as_accuracies("random_init_acc", random_init_acc, f"[T={T}]")
+        if b.shape != (T,):
+            raise ValueError(
+                f"random_init_acc must have shape [T={T}] (one accuracy per task), got {b.shape}"
+            )
+        if T >= 2:
+            later = np.arange(1, T)
+            out["fwt"] = float((R[later - 1, later] - b[later]).mean())
+    if lca_curve is not None:
+        curve = _as_accuracies("lca_curve", lca_curve, f"[T={T}, beta + 1]")
+        if curve.ndim != 2 or curve.shape[0] != T or curve.shape[1] == 0:
+            raise ValueError(
+                f"lca_curve must have shape [T={T}, beta + 1] (per task, the accuracy after "
+                f"0 .. beta mini-batches), got {curve.shape}"
+            )
+        # Z_b averages column b over tasks; LCA averages Z_0 .. Z_beta.
+        out["lca"] = float(curve.mean(axis=0).mean())
+    return out
