@@ -15,6 +15,18 @@ and :func:`metrics` turns the accuracy matrix ``R [T, T]`` into ACC/RA, BWT/BTI,
 forgetting, FWT and LCA.
 """
 
+from metajax.continual.agem import AGEMState, agem
+from metajax.continual.er import ERState, er
+from metajax.continual.gem import GEMState, gem
+from metajax.continual.lamaml import LaMAMLState, lamaml
+from metajax.continual.learners import (
+    ContinualLearner,
+    ExampleLossFn,
+    FinetuneState,
+    cross_entropy_loss,
+    finetune,
+    per_example_loss,
+)
 from metajax.continual.memory import (
     EpisodicMemory,
     ReplaySample,
@@ -28,8 +40,10 @@ from metajax.continual.memory import (
     reservoir_add_batch,
     reservoir_init,
 )
+from metajax.continual.mer import MERState, mer
 from metajax.continual.metrics import metrics
 from metajax.continual.projections import nnls, project_agem, project_gem
+from metajax.continual.run import run
 from metajax.continual.stream import (
     PROTOCOLS,
     Stream,
@@ -42,6 +56,23 @@ from metajax.continual.stream import (
 )
 
 __all__ = [
+    "AGEMState",
+    "agem",
+    "ERState",
+    "er",
+    "GEMState",
+    "gem",
+    "LaMAMLState",
+    "lamaml",
+    "ContinualLearner",
+    "ExampleLossFn",
+    "FinetuneState",
+    "cross_entropy_loss",
+    "finetune",
+    "per_example_loss",
+    "MERState",
+    "mer",
+    "run",
     "PROTOCOLS",
     "Stream",
     "many_permutations_mnist",

@@ -1,0 +1,127 @@
+"""Gradient Episodic Memory (GEM).
+
+Lopez-Paz and Ranzato, 2017, "Gradient Episodic Memory for Continual Learning".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metajax.continual.learners import (
+    ContinualLearner,
+    ExampleLossFn,
+    batch_size_of,
+    check_int,
+    check_number,
+    check_optimizer,
+    example_losses,
+    float_metrics,
+    task_vector,
+    weighted_mean,
+)
+from metajax.continual.memory import (
+    EpisodicMemory,
+    episodic_add,
+    episodic_init,
+    episodic_valid,
+)
+from metajax.continual.projections import project_gem
+from metajax.types import Batch, PyTree
+
+
+class GEMState(NamedTuple):
+    """State of :func:`gem`.
+
+    Attributes:
+      params: the model parameters.
+      opt_state: the optimiser state.
+      memory: the per-task :class:`EpisodicMemory`.
+      step: ``[]`` int32, updates so far.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    memory: EpisodicMemory
+    step: jax.Array
+
+
+def gem(
+    loss_fn: ExampleLossFn,
+    optimizer: optax.GradientTransformation,
+    memory_per_task: int,
+    memory_strength: float = 0.5,
+) -> ContinualLearner:
+    """GEM (Lopez-Paz and Ranzato, 2017): a step that raises no past task's memory loss.
+
+    Each update follows the paper's Algorithm 1 for incoming batch ``(x, y)`` of task ``t``:
+
+    1. ``M_t <- M_t u (x, y)``: ring-write the batch into task ``t``'s ``memory_per_task``
+       slots (the reference code writes before computing gradients, as here);
+    2. ``g``: gradient of the incoming batch's mean loss;
+    3. ``G [num_tasks, ...]``: row ``k`` the gradient of the mean loss over every stored
+       example of task ``k`` (the whole ``M_k``, not a sample), for ``k < t``. Rows are
+       computed for all tasks at once (``vmap`` over the memory's task axis) and the rows of
+       tasks ``>= t`` and empty slots get weight 0, so those rows are exactly zero, which
+       :func:`project_gem` treats as no constraint. This keeps one compiled update for every
+       task at the price of computing the masked rows too;
+    4. ``g~ = project_gem(g, G, margin=memory_strength)``: the closest update with
+       ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
+    5. one optimiser step on ``g~`` (plain SGD in the paper).
+
+    Args:
+      loss_fn: per-example loss ``loss_fn(params, (x, y), task) -> [b]``; memory rows of
+        task ``k`` get task id ``k`` (for task-aware masks).
+      optimizer: any optax transformation; it receives ``g~``.
+      memory_per_task: slots per task, GEM's ``n_memories`` (256 in the paper's MNIST runs).
+      memory_strength: GEM's margin, the lower bound on the dual variables in the reference
+        code's ``project2cone2`` (see :func:`project_gem`; 0.5 in the paper's runs).
+
+    Returns:
+      A :class:`ContinualLearner` with :class:`GEMState`; metrics ``"loss"`` (incoming batch,
+      before the step) and ``"violated"`` (1.0 when some ``(G g)_k < 0``, i.e. a projection
+      happened).
+    """
+    check_optimizer(optimizer)
+    check_int("memory_per_task", memory_per_task)
+    check_number("memory_strength", memory_strength, positive=False)
+
+    def init(params, key, example, num_tasks):
+        del key
+        check_int("num_tasks", num_tasks)
+        memory = episodic_init(num_tasks, memory_per_task, *example)
+        return GEMState(params, optimizer.init(params), memory, jnp.zeros((), jnp.int32))
+
+    def update(state: GEMState, batch: Batch, task_id):
+        task = task_vector(task_id, batch_size_of(batch))
+        memory = episodic_add(state.memory, *batch, task_id)
+        num_tasks = memory.count.shape[0]
+        tasks = jnp.arange(num_tasks, dtype=jnp.int32)
+        weights = episodic_valid(memory) & (tasks < task_id)[:, None]
+
+        def incoming(params):
+            return jnp.mean(example_losses(loss_fn, params, batch, task))
+
+        def memory_grad(x, y, w, k):
+            def past_loss(params):
+                losses = example_losses(loss_fn, params, (x, y), task_vector(k, w.shape[0]))
+                return weighted_mean(losses, w)
+
+            return jax.grad(past_loss)(state.params)
+
+        loss, g = jax.value_and_grad(incoming)(state.params)
+        G = jax.vmap(memory_grad)(memory.x, memory.y, weights, tasks)
+        dots = sum(
+            jnp.tensordot(Gl.reshape(num_tasks, -1), gl.reshape(-1), axes=1, precision="highest")
+            for Gl, gl in zip(jax.tree.leaves(G), jax.tree.leaves(g), strict=True)
+        )
+        projected = project_gem(g, G, margin=memory_strength)
+        updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "violated": jnp.any(dots < 0)}
+        return GEMState(params, opt_state, memory, state.step + 1), float_metrics(metrics)
+
+    return ContinualLearner(init, update)

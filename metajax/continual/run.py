@@ -1,0 +1,227 @@
+"""Train a continual learner on a stream, task by task, and measure it.
+
+:func:`run` is the evaluation protocol of GEM (Lopez-Paz and Ranzato, 2017) and A-GEM
+(Chaudhry et al., 2019): after training on each task, the test accuracy on every task fills
+one row of the accuracy matrix ``R [T, T]``, which :func:`metajax.continual.metrics` turns
+into ACC, BWT, forgetting, FWT and LCA. Everything between two tasks runs on device in one
+compiled call.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metajax.continual.learners import ContinualLearner, check_int
+from metajax.continual.metrics import metrics as summarize
+from metajax.continual.stream import Stream
+from metajax.types import PyTree
+
+
+class _DeviceStream(NamedTuple):
+    train_x: jax.Array
+    train_y: jax.Array
+    test_x: jax.Array
+    test_y: jax.Array
+    class_mask: jax.Array | None
+
+
+def _accuracy(apply_fn, params, x, y, mask_row) -> jax.Array:
+    logits = apply_fn(params, x)
+    if mask_row is not None:
+        logits = jnp.where(mask_row, logits, -jnp.inf)
+    return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+
+
+def run(
+    learner: ContinualLearner,
+    stream: Stream,
+    key: jax.Array,
+    *,
+    params: PyTree | Callable[[jax.Array], PyTree],
+    apply_fn: Callable[[PyTree, Any], jax.Array],
+    batch_size: int = 10,
+    epochs: int = 1,
+    lca_batches: int = 0,
+    seeds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Train ``learner`` on ``stream`` task after task; return ``R [T, T]`` and its metrics.
+
+    Training: task ``t`` runs ``epochs`` passes over ``stream.train_x[t]`` in mini-batches of
+    ``batch_size``, the first pass in the stream's order (the order a single pass sees), later
+    passes reshuffled; ``n_train % batch_size`` rows per pass are left out (drop-last). The
+    whole task is one ``lax.scan`` over ``learner.update`` inside one compiled function that
+    takes the task id as a traced argument, so it compiles once for all tasks.
+
+    Evaluation: the accuracy of ``argmax apply_fn(params, x)`` on each task's test set, with
+    logits outside ``stream.class_mask[t]`` excluded when the stream has a mask (task-aware
+    evaluation). ``R[i, j]`` is task ``j``'s accuracy after training on tasks ``0 .. i``; the
+    accuracy of the initial parameters on every task gives FWT's baseline. With
+    ``lca_batches = beta > 0``, task ``k``'s own accuracy is also measured before training on
+    it and after each of its first ``beta`` mini-batches (A-GEM's ``Z_b``, ``b = 0 .. beta``),
+    which gives LCA.
+
+    Seeds: with ``seeds``, every seed ``s`` runs from ``jax.random.fold_in(key, s)`` and all
+    seeds train at once under ``vmap`` (one compiled function; memory grows with the number of
+    seeds). ``params`` may be a function ``params(key) -> params`` so that each seed draws its
+    own initialisation; a fixed pytree is shared by every seed (only the learner's randomness
+    then differs).
+
+    Args:
+      learner: a :class:`~metajax.continual.learners.ContinualLearner` (``er``, ``agem``, ...).
+      stream: a :class:`~metajax.continual.stream.Stream`; its arrays are put on the device
+        once.
+      key: PRNG key of the run (initialisation, learner randomness, reshuffles).
+      params: the initial model parameters, or ``params(key) -> params``.
+      apply_fn: ``apply_fn(params, x [n, *features]) -> logits [n, num_classes]``, the model
+        the loss of ``learner`` also wraps.
+      batch_size: examples per update (10 in GEM, A-GEM, MER and La-MAML).
+      epochs: passes over each task's training rows.
+      lca_batches: ``beta`` of LCA; 0 skips it. At most the mini-batches of one pass.
+      seeds: optional ints; several runs at once, batched with ``vmap``.
+
+    Returns:
+      A dict with ``"acc_matrix"`` (numpy ``[T, T]``), ``"random_init_acc"`` (``[T]``),
+      ``"lca_curve"`` (``[T, beta + 1]``, with ``lca_batches``), ``"train_metrics"`` (each
+      learner metric averaged over each task's updates, ``[T]``) and every key of
+      :func:`metajax.continual.metrics` (``acc``, ``bwt``, ``forgetting``, ``fwt``, ``lca``,
+      ...). With ``seeds``, arrays gain a leading ``[len(seeds)]`` axis, the metric keys hold
+      the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one metrics
+      dict per seed and ``"seeds"`` the seeds.
+    """
+    if not isinstance(stream, Stream):
+        raise TypeError(f"stream must be a metajax.continual.Stream, got {type(stream).__name__}")
+    check_int("batch_size", batch_size)
+    check_int("epochs", epochs)
+    check_int("lca_batches", lca_batches, minimum=0)
+    num_tasks, n_train = stream.train_y.shape
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {n_train} training rows of a task; pass at "
+            f"most {n_train}"
+        )
+    if lca_batches > steps_per_epoch:
+        raise ValueError(
+            f"lca_batches={lca_batches} exceeds the {steps_per_epoch} mini-batches of one pass "
+            f"over a task ({n_train} rows // batch_size {batch_size}); pass at most that"
+        )
+    if seeds is not None:
+        seeds = list(seeds)
+        if not seeds or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in seeds
+        ):
+            raise ValueError(f"seeds must be a non-empty sequence of ints >= 0, got {seeds!r}")
+        seeds = [int(s) for s in seeds]
+
+    data = _DeviceStream(
+        jnp.asarray(stream.train_x),
+        jnp.asarray(stream.train_y),
+        jnp.asarray(stream.test_x),
+        jnp.asarray(stream.test_y),
+        None if stream.class_mask is None else jnp.asarray(stream.class_mask, bool),
+    )
+    example = (
+        jax.ShapeDtypeStruct(data.train_x.shape[2:], data.train_x.dtype),
+        jax.ShapeDtypeStruct((), data.train_y.dtype),
+    )
+    used = steps_per_epoch * batch_size
+
+    def evaluate(params, data, task):
+        mask_row = None if data.class_mask is None else data.class_mask[task]
+        return _accuracy(apply_fn, params, data.test_x[task], data.test_y[task], mask_row)
+
+    def evaluate_all(params, data):
+        tasks = jnp.arange(num_tasks, dtype=jnp.int32)
+        return jax.lax.map(lambda task: evaluate(params, data, task), tasks)
+
+    def start(run_key):
+        init_key, learner_key, train_key = jax.random.split(run_key, 3)
+        initial = params(init_key) if callable(params) else params
+        state = learner.init(initial, learner_key, example, num_tasks)
+        return state, train_key
+
+    def train_task(state, data, task, key):
+        xs, ys = data.train_x[task], data.train_y[task]
+        shuffled = [
+            jax.random.permutation(jax.random.fold_in(key, epoch), n_train)[:used]
+            for epoch in range(1, epochs)
+        ]
+        order = jnp.concatenate([jnp.arange(used), *shuffled]).reshape(-1, batch_size)
+
+        def step(state, rows):
+            return learner.update(state, (xs[rows], ys[rows]), task)
+
+        def step_and_measure(state, rows):
+            state, metrics = step(state, rows)
+            return state, (metrics, evaluate(state.params, data, task))
+
+        if lca_batches:
+            before = evaluate(state.params, data, task)
+            state, (first, curve) = jax.lax.scan(step_and_measure, state, order[:lca_batches])
+            state, rest = jax.lax.scan(step, state, order[lca_batches:])
+            metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first, rest)
+            curve = jnp.concatenate([before[None], curve])
+        else:
+            state, metrics = jax.lax.scan(step, state, order)
+            curve = jnp.zeros((0,), jnp.float32)
+        means = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        return state, evaluate_all(state.params, data), curve, means
+
+    if seeds is None:
+        state, train_key = start(key)
+        init_eval, train = jax.jit(evaluate_all), jax.jit(train_task)
+    else:
+        keys = jnp.stack([jax.random.fold_in(key, s) for s in seeds])
+        state, train_key = jax.vmap(start)(keys)
+        init_eval = jax.jit(jax.vmap(evaluate_all, in_axes=(0, None)))
+        train = jax.jit(jax.vmap(train_task, in_axes=(0, None, None, 0)))
+        task_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+
+    random_init_acc = init_eval(state.params, data)
+    rows, curves, train_metrics = [], [], []
+    for t in range(num_tasks):
+        if seeds is None:
+            task_key = jax.random.fold_in(train_key, t)
+        else:
+            task_key = task_keys(train_key, t)
+        state, row, curve, means = train(state, data, jnp.int32(t), task_key)
+        rows.append(row)
+        curves.append(curve)
+        train_metrics.append(means)
+
+    task_axis = 0 if seeds is None else 1
+    R = np.asarray(jnp.stack(rows, axis=task_axis), np.float64)
+    baseline = np.asarray(random_init_acc, np.float64)
+    lca_curve = np.asarray(jnp.stack(curves, axis=task_axis), np.float64) if lca_batches else None
+    out: dict[str, Any] = {
+        "acc_matrix": R,
+        "random_init_acc": baseline,
+        "train_metrics": {
+            name: np.asarray(jnp.stack([m[name] for m in train_metrics], axis=-1))
+            for name in train_metrics[0]
+        },
+    }
+    if lca_curve is not None:
+        out["lca_curve"] = lca_curve
+    if seeds is None:
+        out.update(summarize(R, random_init_acc=baseline, lca_curve=lca_curve))
+        return out
+    per_seed = [
+        summarize(
+            R[i], random_init_acc=baseline[i], lca_curve=None if lca_curve is None else lca_curve[i]
+        )
+        for i in range(len(seeds))
+    ]
+    for name in per_seed[0]:
+        values = np.array([m[name] for m in per_seed])
+        out[name] = float(values.mean())
+        out.setdefault("std", {})[name] = float(values.std())
+    out["per_seed"] = per_seed
+    out["seeds"] = seeds
+    return out
