@@ -36,10 +36,7 @@ import numpy as np
 from metajax.data.miniimagenet import ForbiddenPickleError, restricted_pickle_load
 from metajax.data.sources import (
     ChecksumError,
-    DataNotFoundError,
-    DownloadError,
-    fetch,
-    is_writable_dir,
+    ensure_files,
     resolve_data_dir,
     resolve_url,
     sha256_file,
@@ -159,7 +156,7 @@ def load_cifar100(
         return _assemble(_read_folder(extracted), str(extracted))
 
     if not archive.is_file():
-        _download(folder, download, base_url, progress)
+        ensure_files(folder, [ARCHIVE], base_url, download=download, progress=progress)
     elif verify:
         actual = sha256_file(archive)
         if actual != ARCHIVE.sha256:
@@ -171,21 +168,6 @@ def load_cifar100(
                 f"delete it to download it again from {base_url}, or pass verify=False",
             )
     return _assemble(_read_archive(archive), str(archive))
-
-
-def _download(folder: Path, download: bool, base_url: str, progress: bool) -> None:
-    names = [ARCHIVE.filename]
-    urls = [base_url + ARCHIVE.filename]
-    if not download:
-        raise DataNotFoundError(folder, names, urls=urls, reason="download=False")
-    if not is_writable_dir(folder):
-        raise DataNotFoundError(folder, names, urls=urls, reason=f"{folder} is read-only")
-    try:
-        fetch(
-            urls[0], folder / ARCHIVE.filename, ARCHIVE.sha256, size=ARCHIVE.size, progress=progress
-        )
-    except DownloadError as e:
-        raise DataNotFoundError(folder, names, urls=urls, reason=str(e)) from e
 
 
 def md5_file(path: str | os.PathLike) -> str:

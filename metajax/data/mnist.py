@@ -37,10 +37,7 @@ import numpy as np
 
 from metajax.data.sources import (
     ChecksumError,
-    DataNotFoundError,
-    DownloadError,
-    fetch,
-    is_writable_dir,
+    ensure_files,
     resolve_data_dir,
     resolve_url,
     sha256_file,
@@ -139,7 +136,7 @@ def load_mnist(
     """
     folder = resolve_data_dir(data_dir) / SUBDIR
     base_url = resolve_url(url, URL_ENV, MNIST_URL)
-    _ensure_files(folder, download, base_url, progress)
+    ensure_files(folder, FILES.values(), base_url, download=download, progress=progress)
     arrays = {}
     for key, spec in FILES.items():
         path = folder / spec.filename
@@ -212,21 +209,3 @@ def parse_idx(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> 
             f"needs {count}; the file is truncated or corrupt"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
-
-
-def _ensure_files(folder: Path, download: bool, base_url: str, progress: bool) -> None:
-    """Download the files missing from ``folder``, or say which to put there."""
-    missing = [spec for spec in FILES.values() if not (folder / spec.filename).is_file()]
-    if not missing:
-        return
-    names = [spec.filename for spec in missing]
-    urls = [base_url + name for name in names]
-    if not download:
-        raise DataNotFoundError(folder, names, urls=urls, reason="download=False")
-    if not is_writable_dir(folder):
-        raise DataNotFoundError(folder, names, urls=urls, reason=f"{folder} is read-only")
-    for i, spec in enumerate(missing):
-        try:
-            fetch(urls[i], folder / spec.filename, spec.sha256, size=spec.size, progress=progress)
-        except DownloadError as e:
-            raise DataNotFoundError(folder, names[i:], urls=urls[i:], reason=str(e)) from e

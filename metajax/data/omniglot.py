@@ -50,7 +50,7 @@ import warnings
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,11 +58,9 @@ import numpy as np
 from PIL import Image
 
 from metajax.data.sources import (
-    DataNotFoundError,
-    DownloadError,
     atomic_save_npz,
     cache_dir_candidates,
-    fetch,
+    ensure_files,
     is_writable_dir,
     resolve_data_dir,
     resolve_url,
@@ -203,7 +201,8 @@ def load_omniglot(
 
     folder = resolve_data_dir(data_dir) / "omniglot"
     base_url = resolve_url(url, URL_ENV, OMNIGLOT_URL)
-    _ensure_files(folder, subsets, download, base_url, progress)
+    ensure_files(folder, [FILES[s] for s in subsets], base_url, download=download,
+                 progress=progress)
     caches = cache_dir_candidates("omniglot", data_dir, cache_dir)
     parts, sha256 = [], {}
     # A plain loop, not a comprehension, keeps warnings' stacklevel pointing at our caller.
@@ -364,32 +363,6 @@ def _check_subsets(subsets: Sequence[str]) -> tuple[str, ...]:
             "combining them would duplicate characters"
         )
     return subsets
-
-
-def _ensure_files(
-    folder: Path, subsets: Iterable[str], download: bool, base_url: str, progress: bool
-) -> None:
-    """Download the archives missing from ``folder``, or say which to put there."""
-    missing = [FILES[s] for s in subsets if not (folder / FILES[s].filename).is_file()]
-    if not missing:
-        return
-    names = [f.filename for f in missing]
-    urls = [base_url + name for name in names]
-    if not download:
-        raise DataNotFoundError(folder, names, urls=urls, reason="download=False")
-    if not is_writable_dir(folder):
-        raise DataNotFoundError(folder, names, urls=urls, reason=f"{folder} is read-only")
-    for i, spec in enumerate(missing):
-        try:
-            fetch(
-                base_url + spec.filename,
-                folder / spec.filename,
-                spec.sha256,
-                size=spec.size,
-                progress=progress,
-            )
-        except DownloadError as e:
-            raise DataNotFoundError(folder, names[i:], urls=urls[i:], reason=str(e)) from e
 
 
 def _load_subset(

@@ -264,3 +264,29 @@ def _report(label: str, received: int, total: int | None) -> None:
     else:
         sys.stderr.write(f"\r{label}: {received / 2**20:.1f} MiB")
     sys.stderr.flush()
+
+
+def ensure_files(
+    folder: Path, files: Iterable, base_url: str, *, download: bool, progress: bool
+) -> None:
+    """Download every file of ``files`` missing from ``folder``, or say which to put there.
+
+    ``files`` are records with ``filename``, ``sha256`` and ``size``; each is fetched from
+    ``base_url + filename`` with :func:`fetch`. Raises :class:`DataNotFoundError` naming the
+    missing files, their URLs and why they could not be fetched (``download=False``, a
+    read-only folder, or the download's own error).
+    """
+    missing = [spec for spec in files if not (folder / spec.filename).is_file()]
+    if not missing:
+        return
+    names = [spec.filename for spec in missing]
+    urls = [base_url + name for name in names]
+    if not download:
+        raise DataNotFoundError(folder, names, urls=urls, reason="download=False")
+    if not is_writable_dir(folder):
+        raise DataNotFoundError(folder, names, urls=urls, reason=f"{folder} is read-only")
+    for i, spec in enumerate(missing):
+        try:
+            fetch(urls[i], folder / spec.filename, spec.sha256, size=spec.size, progress=progress)
+        except DownloadError as e:
+            raise DataNotFoundError(folder, names[i:], urls=urls[i:], reason=str(e)) from e
