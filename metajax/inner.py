@@ -103,7 +103,7 @@ def combine(adapted: PyTree, frozen: PyTree, mask: PyTree | None) -> PyTree:
 def _loss_and_aux(loss_fn: LossFn, has_aux: bool):
     if has_aux:
         return loss_fn
-    return lambda params, batch: (loss_fn(params, batch), None)
+    return lambda *args: (loss_fn(*args), None)
 
 
 def adapt(
@@ -116,8 +116,9 @@ def adapt(
     has_aux: bool = False,
     mask: PyTree | None = None,
     first_order: bool | jax.Array = False,
-    after_step: Callable[[PyTree], Any] | None = None,
+    after_step: Callable[..., Any] | None = None,
     remat: bool = False,
+    step_aware: bool = False,
 ) -> tuple:
     """Run ``inner_steps`` steps of ``rule`` on ``loss_fn(., batch)`` starting at ``params``.
 
@@ -137,6 +138,9 @@ def adapt(
       remat: rematerialise each step in the backward pass (``jax.checkpoint`` on the scan
         body): only the parameters between steps are stored, not each step's activations,
         trading one more forward pass per step for memory.
+      step_aware: the model depends on the inner step: ``loss_fn(params, batch, step)`` and
+        ``after_step(params, step)`` receive the step index (a traced int32 scalar), e.g.
+        for per-step batch-norm weights (MAML++'s BNWB).
 
     Returns:
       ``(fast_params, losses)`` where ``losses [inner_steps]`` is the support loss before each
@@ -148,15 +152,16 @@ def adapt(
     loss_and_aux = _loss_and_aux(loss_fn, has_aux)
     adapted, frozen = partition(params, mask)
 
-    def support_loss(adapted_params):
-        loss, _ = loss_and_aux(combine(adapted_params, frozen, mask), batch)
+    def support_loss(adapted_params, i):
+        full = combine(adapted_params, frozen, mask)
+        loss, _ = loss_and_aux(full, batch, i) if step_aware else loss_and_aux(full, batch)
         return loss
 
     grad_fn = jax.value_and_grad(support_loss)
 
     def step(carry, i):
         adapted_params, rule_state = carry
-        loss, grads = grad_fn(adapted_params)
+        loss, grads = grad_fn(adapted_params, i)
         if isinstance(first_order, bool):
             if first_order:
                 grads = jax.lax.stop_gradient(grads)
@@ -169,7 +174,8 @@ def adapt(
         adapted_params, rule_state = rule.update(grads, rule_state, adapted_params, i)
         out = loss
         if after_step is not None:
-            out = (loss, after_step(combine(adapted_params, frozen, mask)))
+            full = combine(adapted_params, frozen, mask)
+            out = (loss, after_step(full, i) if step_aware else after_step(full))
         return (adapted_params, rule_state), out
 
     carry = (adapted, rule.init(adapted))

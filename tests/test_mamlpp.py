@@ -97,3 +97,122 @@ def test_lslr_adapt_refuses_more_steps_than_rates():
     batch = (jnp.ones((3, 1)), jnp.ones((3, 1)))
     with pytest.raises(ValueError, match="exceeds the 2 steps"):
         learner.adapt(meta_params, batch, inner_steps=3)
+
+
+# --- BNWB: per-step batch-norm weights ----------------------------------------------------
+
+
+def bn_params(key, hidden=4, dtype=jnp.float64):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "dense": {"kernel": jax.random.normal(k1, (1, hidden), dtype),
+                  "bias": 0.1 * jax.random.normal(k3, (hidden,), dtype)},
+        "norm0": {"scale": jnp.ones((hidden,), dtype), "bias": jnp.zeros((hidden,), dtype)},
+        "head": {"kernel": jax.random.normal(k2, (hidden, 1), dtype) / np.sqrt(hidden)},
+    }
+
+
+def bn_loss(params, batch):
+    """Dense -> batch-statistics norm with scale/bias -> tanh -> linear head, MSE."""
+    x, y = batch
+    h = x @ params["dense"]["kernel"] + params["dense"]["bias"]
+    mean = h.mean(axis=0)
+    var = ((h - mean) ** 2).mean(axis=0)
+    h = (h - mean) / jnp.sqrt(var + 1e-3) * params["norm0"]["scale"] + params["norm0"]["bias"]
+    return jnp.mean((jnp.tanh(h) @ params["head"]["kernel"] - y) ** 2)
+
+
+def manual_bnwb_objective(weights, tasks, steps):
+    """MSL objective written out step by step: step i uses norm copy i for its support
+    gradient (norm leaves not adapted) and for the query loss after it."""
+
+    def f(meta_params):
+        p, lrs = meta_params.params, meta_params.inner_lrs
+
+        def one(task):
+            adapted = {"dense": p["dense"], "head": p["head"]}
+            total = 0.0
+            for i in range(steps):
+                norm_i = jax.tree.map(lambda leaf, i=i: leaf[i], p["norm0"])
+                g = jax.grad(lambda a, n=norm_i: bn_loss({**a, "norm0": n}, task.support))(adapted)
+                adapted = jax.tree.map(lambda a, g, r, i=i: a - r[i] * g, adapted, g,
+                                       {"dense": lrs["dense"], "head": lrs["head"]})
+                total = total + weights[i] * bn_loss({**adapted, "norm0": norm_i}, task.query)
+            return total
+
+        return jnp.mean(jax.vmap(one)(tasks))
+
+    return f
+
+
+def test_bnwb_tiles_only_the_norm_leaves(x64):
+    params = bn_params(jax.random.PRNGKey(0))
+    learner = mj.mamlpp(bn_loss, 0.1, 3, per_step=mj.meta.norm_mask)
+    meta_params = learner.init(params)
+    assert meta_params.params["norm0"]["scale"].shape == (3, 4)
+    assert meta_params.params["norm0"]["bias"].shape == (3, 4)
+    assert meta_params.params["dense"]["kernel"].shape == (1, 4)
+    mask = mj.meta.norm_mask(params)
+    assert mask["norm0"] == {"scale": True, "bias": True}
+    assert mask["dense"] == {"kernel": False, "bias": False} and mask["head"]["kernel"] is False
+
+
+def test_bnwb_meta_gradient_matches_finite_differences(x64):
+    params = bn_params(jax.random.PRNGKey(4))
+    tasks = regression_tasks(jax.random.PRNGKey(5), tasks=2, n=6)
+    learner = mj.mamlpp(bn_loss, 0.1, 3, per_step=mj.meta.norm_mask)
+    meta_params = learner.init(params)
+    key = jax.random.PRNGKey(6)
+    # Distinct copies per step, so a step reading the wrong copy would show.
+    meta_params = meta_params._replace(params={
+        **meta_params.params,
+        "norm0": jax.tree.map(lambda v: v + 0.3 * jax.random.normal(key, v.shape, v.dtype),
+                              meta_params.params["norm0"]),
+    })
+    weights = [0.2, 0.3, 0.5]
+    grads, _ = learner.meta_grad(meta_params, tasks, step_weights=jnp.array(weights))
+    fd = finite_difference_grad(jax.jit(manual_bnwb_objective(weights, tasks, 3)), meta_params)
+    np.testing.assert_allclose(flat(grads), fd, rtol=1e-6, atol=1e-8)
+    # The rates of the norm leaves are never used: their gradient is exactly zero.
+    assert not np.any(np.asarray(grads.inner_lrs["norm0"]["scale"]))
+
+
+def test_bnwb_first_order_final_loss_reaches_only_the_last_copy(x64):
+    params = bn_params(jax.random.PRNGKey(7))
+    tasks = regression_tasks(jax.random.PRNGKey(8), tasks=2, n=6)
+    learner = mj.mamlpp(bn_loss, 0.1, 3, multi_step_loss=False, per_step=mj.meta.norm_mask)
+    grads, _ = learner.meta_grad(learner.init(params), tasks, first_order=True)
+    scale = np.asarray(grads.params["norm0"]["scale"])
+    # Copies 0 and 1 enter only through inner gradients, which first order treats as constants.
+    np.testing.assert_array_equal(scale[:2], 0.0)
+    assert np.all(np.abs(scale[2]) > 0)
+    second, _ = learner.meta_grad(learner.init(params), tasks, first_order=False)
+    assert np.all(np.abs(np.asarray(second.params["norm0"]["scale"])[:2]).sum(axis=1) > 0)
+
+
+def test_bnwb_adapt_uses_the_copy_of_the_last_step(x64):
+    params = bn_params(jax.random.PRNGKey(9))
+    tasks = regression_tasks(jax.random.PRNGKey(10), tasks=1, n=6)
+    support = jax.tree.map(lambda a: a[0], tasks.support)
+    learner = mj.mamlpp(bn_loss, 0.1, 3, per_step=mj.meta.norm_mask)
+    meta_params = learner.init(params)
+    copies = jnp.arange(3.0)[:, None] + jnp.ones((3, 4))
+    meta_params = meta_params._replace(params={
+        **meta_params.params, "norm0": {"scale": copies, "bias": 0 * copies}})
+    for steps in (1, 2, 3):
+        fast = learner.adapt(meta_params, support, inner_steps=steps)
+        np.testing.assert_array_equal(fast["norm0"]["scale"], copies[steps - 1])
+        assert fast["dense"]["kernel"].shape == (1, 4)
+    with pytest.raises(ValueError, match="exceeds the 3 steps"):
+        learner.adapt(meta_params, support, inner_steps=4)
+
+
+def test_norm_mask_on_conv4_selects_the_four_norm_layers():
+    from metajax.nn.conv4 import Conv4
+
+    model = Conv4(num_classes=5)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))
+    mask = mj.meta.norm_mask(params)
+    chosen = [jax.tree_util.keystr(path) for path, m in
+              jax.tree_util.tree_flatten_with_path(mask)[0] if m]
+    assert len(chosen) == 8 and all("norm" in c for c in chosen)

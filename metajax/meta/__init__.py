@@ -2,7 +2,7 @@
 
 from metajax.meta.imaml import conjugate_gradient, imaml, implicit_proximal_solver
 from metajax.meta.maml import anil, head_mask, maml
-from metajax.meta.mamlpp import MAMLPlusPlusParams, mamlpp, msl_weights
+from metajax.meta.mamlpp import MAMLPlusPlusParams, mamlpp, msl_weights, norm_mask
 from metajax.meta.metasgd import MetaSGDParams, metasgd
 from metajax.meta.reptile import reptile
 
@@ -10,6 +10,7 @@ __all__ = [
     "MAMLPlusPlusParams",
     "mamlpp",
     "msl_weights",
+    "norm_mask",
     "MetaSGDParams",
     "anil",
     "conjugate_gradient",

@@ -33,7 +33,7 @@ def loss_and_aux(loss_fn, has_aux: bool):
     """``loss_fn`` normalised to return ``(loss, aux)`` (``aux`` is ``None`` without aux)."""
     if has_aux:
         return loss_fn
-    return lambda params, batch: (loss_fn(params, batch), None)
+    return lambda *args: (loss_fn(*args), None)
 
 
 def averaged_meta_grad(

@@ -2,13 +2,20 @@
 MAML", as switches on second-order MAML.
 
 Here: multi-step loss (MSL) with its annealed per-step weights, derivative-order annealing (DA)
-as a traced switch of ``meta_grad`` (no recompilation), and learnable per-layer per-step
-inner learning rates (LSLR). Cosine annealing of the meta learning rate (CA) is an optax
-schedule, ``optax.cosine_decay_schedule``.
+as a traced switch of ``meta_grad`` (no recompilation), learnable per-layer per-step inner
+learning rates (LSLR), and per-step batch-norm weights (BNWB: ``per_step=norm_mask``).
+Cosine annealing of the meta learning rate (CA) is an optax schedule,
+``optax.cosine_decay_schedule``.
+
+Per-step batch-norm running statistics (BNRS) are not collected: the paper's reference code
+normalises with the statistics of the current batch at every step, in training and in
+evaluation (``F.batch_norm(..., training=True)`` in ``MetaBatchNormLayer``), so its per-step
+running averages never change an output; :class:`metajax.nn.Conv4` normalises the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -24,11 +31,33 @@ from metajax.meta._common import (
 from metajax.types import Learner, LossFn, PyTree, Task
 
 
+def norm_mask(params: PyTree) -> PyTree:
+    """``True`` for the leaves of normalisation layers: every leaf under a module whose name
+    starts with ``norm`` (``norm0 .. norm3`` of :class:`metajax.nn.Conv4`). Pass as
+    ``mamlpp(..., per_step=norm_mask)`` for per-step batch-norm weights (BNWB)."""
+
+    def is_norm(path, leaf) -> bool:
+        del leaf
+        return any(str(getattr(k, "key", getattr(k, "name", ""))).startswith("norm")
+                   for k in path)
+
+    return jax.tree_util.tree_map_with_path(is_norm, params)
+
+
+def select_step(params: PyTree, mask: PyTree | None, step) -> PyTree:
+    """The model parameters of inner step ``step``: per-step leaves (``mask`` True, stacked on
+    a leading ``[steps]`` axis) indexed at ``step``, the others as they are."""
+    if mask is None:
+        return params
+    return jax.tree.map(lambda m, p: p[step] if m else p, mask, params)
+
+
 class MAMLPlusPlusParams(NamedTuple):
     """Meta-parameters of :func:`mamlpp`.
 
     Attributes:
-      params: the initialisation of the model parameters.
+      params: the initialisation of the model parameters; with ``per_step`` the selected
+        leaves carry a leading ``[inner_steps]`` axis (one copy per inner step).
       inner_lrs: one ``[inner_steps]`` vector of learning rates per parameter tensor (LSLR),
         or ``None`` when the rates are fixed.
     """
@@ -62,6 +91,7 @@ def mamlpp(
     *,
     multi_step_loss: bool = True,
     learnable_lrs: bool = True,
+    per_step: PyTree | Callable[[PyTree], PyTree] | None = None,
     has_aux: bool = False,
 ) -> Learner:
     """MAML with the MAML++ switches (Antoniou et al., 2019); each can be turned off.
@@ -73,6 +103,12 @@ def mamlpp(
         parameters after every inner step; ``meta_grad(..., step_weights=w)`` passes the
         weights (default uniform), e.g. from :func:`msl_weights`. Off: the final query loss.
       learnable_lrs: LSLR: meta-learn one rate per parameter tensor and per step.
+      per_step: BNWB: a boolean mask like the model parameters, or a function
+        ``params -> mask`` such as :func:`norm_mask`, choosing leaves that get one copy per
+        inner step. Inner step ``i`` (its support loss and, with MSL, the query loss after
+        it) runs the model with copy ``i``; the final query loss and ``adapt``'s result use
+        the copy of the last step taken. These leaves are meta-learned only, never adapted
+        in the inner loop (the reference's default). ``None``: no per-step leaves.
       has_aux: as :func:`metajax.maml` (the final step's query ``aux`` is reported).
 
     ``meta_grad(meta_params, tasks, *, step_weights=None, first_order=False)``: ``first_order``
@@ -85,28 +121,68 @@ def mamlpp(
     objective = loss_and_aux(loss_fn, has_aux)
     default_steps = inner_steps
 
+    def mask_of(params: PyTree) -> PyTree | None:
+        """The per-step mask of model-shaped (untiled) ``params``."""
+        if per_step is None:
+            return None
+        mask = per_step(params) if callable(per_step) else per_step
+        if jax.tree.structure(mask) != jax.tree.structure(params):
+            raise ValueError("per_step must give a boolean mask with the parameters' structure")
+        return jax.tree.map(bool, mask)
+
     def init(params: PyTree) -> MAMLPlusPlusParams:
         lrs = None
         if learnable_lrs:
             lrs = jax.tree.map(lambda p: jnp.full((inner_steps,), inner_lr, jnp.result_type(p)),
                                params)
+        mask = mask_of(params)
+        if mask is not None:
+            params = jax.tree.map(
+                lambda m, p: jnp.broadcast_to(p, (inner_steps, *jnp.shape(p))) if m else p,
+                mask, params,
+            )
         return MAMLPlusPlusParams(params, lrs)
 
-    def rule_for(meta_params: MAMLPlusPlusParams):
+    def stored_mask(meta_params: MAMLPlusPlusParams) -> PyTree | None:
+        """The per-step mask of the stored (tiled) parameters; a mask function must depend
+        on the leaves' paths only, as :func:`norm_mask` does."""
+        return mask_of(meta_params.params)
+
+    def rule_for(meta_params: MAMLPlusPlusParams, adapt_mask):
         if meta_params.inner_lrs is None:
             return inner.sgd(inner_lr)
-        return inner.per_layer_per_step(meta_params.inner_lrs)
+        lrs, _ = inner.partition(meta_params.inner_lrs, adapt_mask)
+        return inner.per_layer_per_step(lrs)
+
+    def run_inner(meta_params, batch, steps, **kwargs):
+        mask = stored_mask(meta_params)
+        if mask is None:
+            return inner.adapt(loss_fn, meta_params.params, batch, steps,
+                               rule_for(meta_params, None), has_aux=has_aux, **kwargs), None
+        adapt_mask = jax.tree.map(lambda m: not m, mask)
+
+        def step_loss(params, batch, i):
+            return loss_fn(select_step(params, mask, i), batch)
+
+        after = kwargs.pop("after_step", None)
+        if after is not None:
+            kwargs["after_step"] = lambda params, i: after(select_step(params, mask, i))
+        out = inner.adapt(step_loss, meta_params.params, batch, steps,
+                          rule_for(meta_params, adapt_mask), has_aux=has_aux, mask=adapt_mask,
+                          step_aware=True, **kwargs)
+        return out, mask
 
     def adapt(meta_params: MAMLPlusPlusParams, support, inner_steps: int | None = None):
         steps = default_steps if inner_steps is None else inner_steps
         check_steps("inner_steps", steps, minimum=0)
-        if meta_params.inner_lrs is not None and steps > default_steps:
+        limited = meta_params.inner_lrs is not None or per_step is not None
+        if limited and steps > default_steps:
             raise ValueError(
                 f"inner_steps={steps} exceeds the {default_steps} steps that have learned "
-                "rates; adapt with at most that many"
+                "per-step rates or weights; adapt with at most that many"
             )
-        return inner.adapt(loss_fn, meta_params.params, support, steps,
-                           rule_for(meta_params), has_aux=has_aux)[0]
+        (fast, *_), mask = run_inner(meta_params, support, steps)
+        return select_step(fast, mask, max(steps - 1, 0))
 
     def meta_grad(meta_params: MAMLPlusPlusParams, tasks: Task, *, step_weights=None,
                   first_order=False):
@@ -114,9 +190,8 @@ def mamlpp(
                    else jnp.asarray(step_weights))
 
         def task_objective(mp: MAMLPlusPlusParams, task: Task):
-            fast, support_losses, (query_losses, aux) = inner.adapt(
-                loss_fn, mp.params, task.support, default_steps, rule_for(mp),
-                has_aux=has_aux, first_order=first_order,
+            (fast, support_losses, (query_losses, aux)), _ = run_inner(
+                mp, task.support, default_steps, first_order=first_order,
                 after_step=lambda p: objective(p, task.query),
             )
             del fast
@@ -131,4 +206,7 @@ def mamlpp(
 
         return averaged_meta_grad(task_objective, meta_params, tasks)
 
-    return Learner(init, adapt, meta_grad, lambda meta_params: meta_params.params)
+    def fast_params_of(meta_params: MAMLPlusPlusParams) -> PyTree:
+        return select_step(meta_params.params, stored_mask(meta_params), default_steps - 1)
+
+    return Learner(init, adapt, meta_grad, fast_params_of)

@@ -17,6 +17,7 @@ import optax
 
 import metajax as mj
 from metajax.data import episodes, sinusoid
+from metajax.meta.mamlpp import norm_mask
 from metajax.nn.conv4 import conv4_miniimagenet, conv4_omniglot
 from metajax.nn.mlp import MLP
 from metajax.train.config import Config
@@ -161,8 +162,10 @@ def build_learner(config: Config, problem: Problem) -> mj.Learner:
         "anil": lambda: mj.anil(loss_fn, lr, steps, has_aux=aux),
         "imaml": lambda: mj.imaml(loss_fn, lr, steps, lam=config.lam, cg_steps=config.cg_steps,
                                   has_aux=aux),
-        "mamlpp": lambda: mj.mamlpp(loss_fn, lr, steps, multi_step_loss=config.msl,
-                                    learnable_lrs=config.lslr, has_aux=aux),
+        "mamlpp": lambda: mj.mamlpp(
+            loss_fn, lr, steps, multi_step_loss=config.msl, learnable_lrs=config.lslr,
+            per_step=norm_mask if config.bnwb else None, has_aux=aux,
+        ),
     }[config.algorithm]()
 
 

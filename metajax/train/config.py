@@ -19,8 +19,60 @@ class ConfigError(ValueError):
     """A configuration a run cannot start from; the message says what to change."""
 
 
+class FlatConfig:
+    """Shared behaviour of flat, typed, frozen dataclass configurations.
+
+    Field names are the ``--set`` keys; values are int, float, str or bool. Subclasses are
+    frozen dataclasses and define ``validate``.
+    """
+
+    def check_types(self) -> None:
+        """Raise :class:`ConfigError` when a field's value does not have the field's type."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _field_type(type(self), f)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+            if kind is str and not isinstance(value, str):
+                raise ConfigError(f"{f.name} must be a string, got {value!r}")
+
+    def with_overrides(self, pairs: list[str]):
+        """A copy with ``key=value`` strings applied, each value parsed to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"--set expects key=value, got {pair!r}")
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown --set key {key!r}; valid keys: {', '.join(sorted(fields))}"
+                )
+            changes[key] = parse_value(key, _field_type(type(self), fields[key]), raw.strip())
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """The configuration as stable, indented JSON (what ``config.json`` holds)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path):
+        """Read a ``config.json`` written by :meth:`to_json`; unknown keys are an error."""
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown configuration keys {unknown}")
+        return cls(**data).validate()
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(FlatConfig):
     """Everything that defines a run. ``metajax train --set key=value`` sets any field.
 
     Attributes:
@@ -52,6 +104,7 @@ class Config:
       cg_steps: iMAML's conjugate-gradient iterations.
       msl: MAML++ multi-step loss.
       lslr: MAML++ learnable per-layer per-step inner learning rates.
+      bnwb: MAML++ per-step batch-norm scale and bias (meta-learned, one copy per inner step).
       iters_per_epoch: meta-steps per MAML++ "epoch" (its schedules count epochs).
       msl_anneal_epochs: epochs over which MSL weights move to the final step.
       first_order_epochs: MAML++ derivative-order annealing: first order for this many
@@ -89,6 +142,7 @@ class Config:
     cg_steps: int = 5
     msl: bool = True
     lslr: bool = True
+    bnwb: bool = False
     iters_per_epoch: int = 500
     msl_anneal_epochs: int = 10
     first_order_epochs: int = 0
@@ -98,15 +152,7 @@ class Config:
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = _field_type(f)
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ConfigError(f"{f.name} must be a number, got {value!r}")
-            if kind is bool and not isinstance(value, bool):
-                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+        self.check_types()
         positive = [
             "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
             "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries",
@@ -147,39 +193,9 @@ class Config:
         """Inner steps at validation and test."""
         return self.eval_inner_steps or self.inner_steps
 
-    def with_overrides(self, pairs: list[str]) -> Config:
-        """A copy with ``key=value`` strings applied, each value parsed to the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        changes = {}
-        for pair in pairs:
-            key, sep, raw = pair.partition("=")
-            key = key.strip()
-            if not sep:
-                raise ConfigError(f"--set expects key=value, got {pair!r}")
-            if key not in fields:
-                raise ConfigError(
-                    f"unknown --set key {key!r}; valid keys: {', '.join(sorted(fields))}"
-                )
-            changes[key] = parse_value(key, _field_type(fields[key]), raw.strip())
-        return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        """The configuration as stable, indented JSON (what ``config.json`` holds)."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> Config:
-        """Read a ``config.json`` written by :meth:`to_json`; unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{path}: unknown configuration keys {unknown}")
-        return cls(**data).validate()
-
-
-def _field_type(field: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(Config)
+def _field_type(cls: type, field: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(cls)
     kind = hints[field.name]
     if isinstance(kind, types.UnionType):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
