@@ -1,4 +1,4 @@
-"""The ``metajax`` command: ``presets``, ``train`` and ``evaluate``.
+"""The ``metajax`` command: ``presets``, ``train``, ``evaluate`` and ``continual``.
 
 Every command checks its input before anything is compiled; bad input is one line on
 stderr and exit status 2. The last line a command prints on stdout is one JSON object.
@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="dataset folder (default: the run's)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0,
                           help="seed of the test tasks (0)")
+
+    continual = sub.add_parser(
+        "continual", help="train a continual learner on a task stream and measure forgetting"
+    )
+    continual.add_argument("preset", help="a continual preset from `metajax presets`")
+    continual.add_argument("--out", type=Path,
+                           help="run directory (default: runs/PRESET-TIME)")
+    continual.add_argument("--seeds", type=_positive_int,
+                           help="independent runs at once, vmapped (default: the preset's)")
+    continual.add_argument("--data-dir", help="dataset folder (default: $METAJAX_DATA_DIR)")
+    continual.add_argument("--set", dest="overrides", action="append", default=[],
+                           metavar="KEY=VALUE",
+                           help="override a configuration field (repeatable)")
+    continual.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -90,9 +104,15 @@ def _fail(message: str) -> int:
 
 
 def _cmd_presets() -> int:
+    from metajax.presets.continual import CONTINUAL_PRESETS
+
+    print("# meta-learning (metajax train PRESET)")
     for name in sorted(PRESETS):
         print(f"{name:24s} {PRESETS[name][1]}")
-    print(json.dumps({"presets": sorted(PRESETS)}))
+    print("# continual learning (metajax continual PRESET)")
+    for name in sorted(CONTINUAL_PRESETS):
+        print(f"{name:24s} {CONTINUAL_PRESETS[name][1]}")
+    print(json.dumps({"presets": sorted(PRESETS), "continual": sorted(CONTINUAL_PRESETS)}))
     return 0
 
 
@@ -177,6 +197,31 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_continual(args) -> int:
+    from metajax.presets.continual import get_continual_preset
+
+    config = get_continual_preset(args.preset).with_overrides(args.overrides)
+    if args.seeds is not None:
+        config = config.with_overrides([f"seeds={args.seeds}"])
+    if args.data_dir is not None:
+        config = config.with_overrides([f"data_dir={args.data_dir}"])
+    config.validate()
+    run_dir = args.out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    if (run_dir / "metrics.json").exists():
+        raise ConfigError(f"--out {run_dir} already holds a finished run; choose another")
+
+    from metajax.continual.experiment import run_experiment
+
+    summary = run_experiment(
+        config, run_dir, progress=not args.no_progress,
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metajax`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -185,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_presets()
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "continual":
+            return _cmd_continual(args)
         return _cmd_evaluate(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         return _fail(str(err).replace("\n", " "))

@@ -31,9 +31,13 @@ def test_presets_lists_the_sinusoid_presets(capsys):
         for setting in settings
         for algorithm in ["maml", "fomaml", "reptile", "metasgd", "anil"]
     ]
+    described = {line.split()[0]: line for line in out.splitlines()[:-1] if line[:1] != "#"}
     for name in expected:
         assert name in names
-        assert name in out.splitlines()[names.index(name)]
+        assert len(described[name].split()) > 3  # a description follows the name
+    continual = last_json(out)["continual"]
+    for name in ["rot-mnist-lamaml", "perm-mnist-er", "many-mnist-gem", "agem-pmnist-agem"]:
+        assert name in continual and len(described[name].split()) > 3
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ def run(
     epochs: int = 1,
     lca_batches: int = 0,
     seeds: Sequence[int] | None = None,
+    on_task: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task; return ``R [T, T]`` and its metrics.
 
@@ -84,6 +85,9 @@ def run(
       epochs: passes over each task's training rows.
       lca_batches: ``beta`` of LCA; 0 skips it. At most the mini-batches of one pass.
       seeds: optional ints; several runs at once, batched with ``vmap``.
+      on_task: optional ``on_task(t, row)`` called on the host after task ``t`` is trained,
+        with ``row`` the accuracies on every task (``[T]``, or ``[len(seeds), T]``): for
+        progress and for saving partial results as they arrive.
 
     Returns:
       A dict with ``"acc_matrix"`` (numpy ``[T, T]``), ``"random_init_acc"`` (``[T]``),
@@ -193,6 +197,8 @@ def run(
         state, row, curve, means = train(state, data, jnp.int32(t), task_key)
         rows.append(row)
         curves.append(curve)
+        if on_task is not None:
+            on_task(t, np.asarray(row, np.float64))
         train_metrics.append(means)
 
     task_axis = 0 if seeds is None else 1

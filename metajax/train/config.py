@@ -40,6 +40,25 @@ class FlatConfig:
             if kind is str and not isinstance(value, str):
                 raise ConfigError(f"{f.name} must be a string, got {value!r}")
 
+    def check_bounds(
+        self,
+        positive: tuple[str, ...] = (),
+        non_negative: tuple[str, ...] = (),
+        choices: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        """Raise :class:`ConfigError` for the first field out of its range or choices."""
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name, allowed in (choices or {}).items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
+
     def with_overrides(self, pairs: list[str]):
         """A copy with ``key=value`` strings applied, each value parsed to the field's type."""
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -153,39 +172,25 @@ class Config(FlatConfig):
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
         self.check_types()
-        positive = [
-            "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
-            "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries",
-        ]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lam", "cg_steps", "iters_per_epoch", "msl_anneal_epochs"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.first_order_epochs < 0:
-            raise ConfigError(f"first_order_epochs must be >= 0, got {self.first_order_epochs!r}")
-        if self.eval_inner_steps < 0:
-            raise ConfigError(f"eval_inner_steps must be >= 0, got {self.eval_inner_steps!r}")
         if self.dataset != "sinusoid" and self.ways < 2:
             raise ConfigError(f"ways must be >= 2 for classification, got {self.ways!r}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every!r}")
-        if self.time_budget_s < 0:
-            raise ConfigError(f"time_budget_s must be >= 0, got {self.time_budget_s!r}")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed!r}")
-        for name, allowed in [
-            ("dataset", DATASETS),
-            ("algorithm", ALGORITHMS),
-            ("split", OMNIGLOT_SPLITS),
-            ("outer_optimizer", OUTER_OPTIMIZERS),
-            ("outer_lr_schedule", SCHEDULES),
-        ]:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
-                )
+        self.check_bounds(
+            positive=(
+                "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
+                "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries", "lam",
+                "cg_steps", "iters_per_epoch", "msl_anneal_epochs",
+            ),
+            non_negative=(
+                "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
+            ),
+            choices={
+                "dataset": DATASETS,
+                "algorithm": ALGORITHMS,
+                "split": OMNIGLOT_SPLITS,
+                "outer_optimizer": OUTER_OPTIMIZERS,
+                "outer_lr_schedule": SCHEDULES,
+            },
+        )
         return self
 
     @property
