@@ -338,6 +338,19 @@ def test_lamaml_steps_weights_with_updated_rates_clipped_at_zero():
     np.testing.assert_allclose(new.params["w"], [0.6, 0.0], atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_clip_inner_rates_stops_negative_rates_in_the_inner_loop(clip):
+    eta = 0.5
+    cl, state, batch = two_task_lamaml(alpha_init=0.1, lr_eta=eta, clip_inner_rates=clip)
+    state = state._replace(alpha={"w": jnp.array([0.1, -0.3])}, params={"w": jnp.zeros(2)})
+    new, _ = cl.update(state, batch, 1)
+    # g_alpha = -g_inner * g_meta = [-1, 1] where the rate takes part in the inner step. With
+    # the clip, the negative rate of coordinate 1 gives max(alpha, 0) = 0: no inner step and
+    # no gradient, so it stays at -0.3; without it, it moves by -eta like a positive one.
+    expected = [0.1 + eta, -0.3] if clip else [0.1 + eta, -0.3 - eta]
+    np.testing.assert_allclose(new.alpha["w"], expected, rtol=1e-5)
+
+
 def test_sync_and_cmaml_step_weights_at_the_fixed_outer_rate():
     cl, state, batch = two_task_lamaml("sync", alpha_init=0.1, lr_eta=0.5, outer_lr=0.2)
     state = state._replace(params={"w": jnp.zeros(2)})

@@ -363,3 +363,27 @@ def test_conv4_errors():
         jax.eval_shape(Conv4(5).init, key, jnp.zeros((1, 28, 28, 1), jnp.uint8))
     with pytest.raises(ValueError, match="conv impl"):
         jax.eval_shape(Conv4(5, conv_impl="fft").init, key, x)
+
+
+def test_layer_norm_is_per_example_and_non_transductive():
+    from metajax.nn.conv4 import ExampleNorm
+
+    model = conv4_omniglot(5, filters=8, norm="layer")
+    a = _normal(12, (4, 28, 28, 1))
+    b = a.at[1:].set(_normal(13, (3, 28, 28, 1)) * 3.0 + 1.0)
+    params = {"params": _numpy_params(model, a.shape, seed=2)}
+    assert {f"norm{i}" for i in range(4)} <= set(params["params"])
+    apply = jax.jit(model.apply)
+    out_a, out_b = apply(params, a), apply(params, b)
+    # Example 0's prediction ignores its batch-mates (batch norm moves it: test above).
+    _close(out_a[0], out_b[0])
+    _close(apply(params, a[:1])[0], out_a[0])
+
+    x = _normal(14, (3, 4, 4, 2)) * 4.0 - 1.0
+    norm = ExampleNorm()
+    y = norm.apply(norm.init(jax.random.PRNGKey(0), x), x)
+    flat_x = np.asarray(x).reshape(3, -1)
+    np.testing.assert_allclose(np.asarray(y).reshape(3, -1).mean(axis=1), 0.0, atol=1e-5)
+    var = flat_x.var(axis=1)
+    np.testing.assert_allclose(np.asarray(y).reshape(3, -1).var(axis=1), var / (var + 1e-3),
+                               rtol=1e-4)

@@ -80,6 +80,7 @@ class ContinualConfig(FlatConfig):
       replay_past_tasks: La-MAML family: replay only from the memory as it was when the
         current task began.
       grad_clip_norm: La-MAML family: clip both meta-gradients to this norm (0: no clipping).
+      clip_inner_rates: La-MAML and Sync: inner steps with ``max(alpha, 0)``.
       tasks: tasks of the stream (0: the protocol's), counted before ``cv_tasks`` are removed.
       cv_tasks: leading tasks left out of the run (reserved for hyper-parameter search, as
         A-GEM's protocol); -1: the protocol's.
@@ -119,6 +120,7 @@ class ContinualConfig(FlatConfig):
     multi_step_loss: bool = True
     replay_past_tasks: bool = False
     grad_clip_norm: float = 2.0
+    clip_inner_rates: bool = True
     tasks: int = 0
     cv_tasks: int = -1
     train_per_task: int = 0
@@ -284,6 +286,7 @@ def build_learner(
         multi_step_loss=c.multi_step_loss,
         replay_past_tasks=c.replay_past_tasks,
         grad_clip_norm=c.grad_clip_norm or None,
+        clip_inner_rates=c.clip_inner_rates,
     )
 
 

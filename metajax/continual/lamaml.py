@@ -87,6 +87,7 @@ def lamaml(
     multi_step_loss: bool = False,
     replay_past_tasks: bool = False,
     grad_clip_norm: float | None = None,
+    clip_inner_rates: bool = False,
 ) -> ContinualLearner:
     """La-MAML (Gupta et al., 2020): online MAML over replay with learned per-parameter
     learning rates, and the paper's two ablations.
@@ -136,6 +137,9 @@ def lamaml(
       the copy of the reservoir taken when the current task began, i.e. past tasks only;
     * ``grad_clip_norm``: clip ``g_theta`` and ``g_alpha`` each to this global norm (the
       scripts use 2.0 by default, 1.0 for La-MAML on CIFAR-100).
+    * ``clip_inner_rates``: inner steps use ``max(alpha, 0)`` instead of ``alpha`` (the
+      authors' MNIST code); a rate below zero then stops its parameter in the inner loop
+      too, and gets no gradient from it.
 
     Args:
       loss_fn: per-example loss ``loss_fn(params, (x, y), task) -> [b]``; replayed rows
@@ -150,7 +154,7 @@ def lamaml(
         size; default one example per step.
       glances: updates per incoming batch (Python int >= 1; 5-10 in the paper's runs).
       first_order: stop gradients through the inner gradients (see step 3).
-      multi_step_loss, replay_past_tasks, grad_clip_norm: see above.
+      multi_step_loss, replay_past_tasks, grad_clip_norm, clip_inner_rates: see above.
 
     Returns:
       A :class:`ContinualLearner` with :class:`LaMAMLState`; metrics ``"loss"`` (the
@@ -217,7 +221,12 @@ def lamaml(
             past, source = None, state.memory
 
         def meta_objective(params0, alpha, slices, meta_batch, meta_task, meta_weights):
-            rule = inner.per_parameter(alpha) if learn_alpha else inner.sgd(alpha)
+            if learn_alpha:
+                rates = jax.tree.map(lambda a: jnp.maximum(a, 0), alpha) if clip_inner_rates \
+                    else alpha
+                rule = inner.per_parameter(rates)
+            else:
+                rule = inner.sgd(alpha)
 
             def meta_loss(params):
                 losses = example_losses(loss_fn, params, meta_batch, meta_task)

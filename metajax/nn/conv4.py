@@ -31,10 +31,10 @@ import jax.numpy as jnp
 from metajax.nn.conv import ConvImpl, conv2d, max_pool_2x2, resolve_impl
 
 Variant = Literal["omniglot", "miniimagenet"]
-Norm = Literal["batch", "none"]
+Norm = Literal["batch", "layer", "none"]
 
 VARIANTS: tuple[str, ...] = ("omniglot", "miniimagenet")
-NORMS: tuple[str, ...] = ("batch", "none")
+NORMS: tuple[str, ...] = ("batch", "layer", "none")
 
 
 class Conv2D(nn.Module):
@@ -92,6 +92,29 @@ class BatchStatNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+class ExampleNorm(nn.Module):
+    """Per-example normalisation: each example's activations over ``H, W, C`` to zero mean
+    and unit variance, then a per-channel ``scale`` and ``bias`` (layer norm over a feature
+    map). It never looks at other examples, so predictions do not depend on which examples
+    share a batch: the non-transductive alternative to :class:`BatchStatNorm` (Bronskill et
+    al. 2020, "TaskNorm", compare such normalisations for meta-learning).
+    """
+
+    eps: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        axes = tuple(range(1, x.ndim))
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
 class Conv4(nn.Module):
     """4-block ConvNet of MAML (Finn et al., 2017): ``[N, H, W, C] -> logits [N, num_classes]``.
 
@@ -100,7 +123,8 @@ class Conv4(nn.Module):
       filters: channels of every block (MAML: 64 for Omniglot, 32 for mini-ImageNet).
       variant: ``"omniglot"`` (stride-2 convs, no pooling) or ``"miniimagenet"``
         (stride-1 convs + 2x2 max-pool).
-      norm: ``"batch"`` (current-batch statistics, transductive, as the reference) or
+      norm: ``"batch"`` (current-batch statistics, transductive, as the reference),
+        ``"layer"`` (per-example statistics, :class:`ExampleNorm`: non-transductive) or
         ``"none"``.
       conv_impl: ``"auto"`` | ``"im2col"`` | ``"lax"``, see :func:`metajax.nn.conv.conv2d`.
 
@@ -123,7 +147,7 @@ class Conv4(nn.Module):
         if self.norm not in NORMS:
             raise ValueError(
                 f"Conv4 norm must be one of {NORMS}, got {self.norm!r} (running-average batch "
-                "norm is not offered: statistics are always the current batch's)."
+                "norm is not offered: 'layer' is the non-transductive alternative)."
             )
         if self.num_classes < 1 or self.filters < 1:
             raise ValueError(
@@ -152,6 +176,8 @@ class Conv4(nn.Module):
             )(x)
             if self.norm == "batch":
                 x = BatchStatNorm(name=f"norm{i}")(x)
+            elif self.norm == "layer":
+                x = ExampleNorm(name=f"norm{i}")(x)
             x = nn.relu(x)
             if not omniglot:
                 x = max_pool_2x2(x)

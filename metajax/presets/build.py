@@ -131,7 +131,7 @@ def omniglot_problem(config: Config) -> Problem:
 
     arrays = load_omniglot(config.data_dir or None)
     splits = omniglot_splits(arrays, config.split)
-    return classification_problem(config, splits, conv4_omniglot(config.ways))
+    return classification_problem(config, splits, conv4_omniglot(config.ways, norm=config.norm))
 
 
 def miniimagenet_problem(config: Config) -> Problem:
@@ -139,7 +139,9 @@ def miniimagenet_problem(config: Config) -> Problem:
     from metajax.data.miniimagenet import load_miniimagenet
 
     images, _ = load_miniimagenet(config.data_dir or None)
-    return classification_problem(config, images, conv4_miniimagenet(config.ways))
+    return classification_problem(
+        config, images, conv4_miniimagenet(config.ways, norm=config.norm)
+    )
 
 
 def build_problem(config: Config) -> Problem:

@@ -8,7 +8,8 @@ Three families:
   The La-MAML family (``lamaml``, ``sync``, ``cmaml``) takes the settings of the authors'
   ``run_experiments.sh``. The authors' MNIST code also computes the meta-loss after every
   inner step (``multi_step_loss``), first order, with both meta-gradients clipped to norm 2
-  (their default ``grad_clip_norm``). Their ``--use_old_task_memory`` switch does not take
+  (their default ``grad_clip_norm``) and inner steps taken with ``max(alpha, 0)``
+  (``clip_inner_rates``). Their ``--use_old_task_memory`` switch does not take
   effect in that code (the "old" memory is the same list object as the current one), so it
   is off here. The baselines' rates are our choice (SGD 0.03, MER beta 0.03, gamma 1, s=5)
   and all memory-based learners get the same total memory as La-MAML (200, or 500 for

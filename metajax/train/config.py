@@ -12,6 +12,7 @@ ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "mamlpp")
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OMNIGLOT_SPLITS = ("maml", "alphabets")
 OUTER_OPTIMIZERS = ("adam", "sgd")
+NORMS = ("batch", "layer", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -131,6 +132,9 @@ class Config(FlatConfig):
       time_budget_s: stop after the first chunk that ends past this many seconds of training
         (0: no budget); the run is then shorter than ``steps`` and says so.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+      norm: Conv4 normalisation: ``batch`` (current-batch statistics in training and
+        evaluation, as the MAML reference: transductive), ``layer`` (per-example statistics:
+        non-transductive) or ``none``.
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
         ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
     """
@@ -168,6 +172,7 @@ class Config(FlatConfig):
     time_budget_s: float = 0.0
     data_dir: str = ""
     split: str = "maml"
+    norm: str = "batch"
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -189,6 +194,7 @@ class Config(FlatConfig):
                 "split": OMNIGLOT_SPLITS,
                 "outer_optimizer": OUTER_OPTIMIZERS,
                 "outer_lr_schedule": SCHEDULES,
+                "norm": NORMS,
             },
         )
         return self
