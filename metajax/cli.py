@@ -116,6 +116,14 @@ def _cmd_presets() -> int:
     return 0
 
 
+def _run_dir(out: Path | None, preset: str) -> Path:
+    """``--out``, else ``runs/PRESET-TIME``; an existing non-directory is an error."""
+    run_dir = out or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    return run_dir
+
+
 def _train_config(args) -> tuple[Config, Path]:
     from metajax.train.loop import run_config_matches
 
@@ -127,9 +135,7 @@ def _train_config(args) -> tuple[Config, Path]:
     if args.data_dir is not None:
         config = config.with_overrides([f"data_dir={args.data_dir}"])
     config.validate()
-    run_dir = args.out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    run_dir = _run_dir(args.out, config.preset)
     if not run_config_matches(run_dir, config):
         raise ConfigError(
             f"--out {run_dir} holds a different run (its config.json differs); "
@@ -206,9 +212,7 @@ def _cmd_continual(args) -> int:
     if args.data_dir is not None:
         config = config.with_overrides([f"data_dir={args.data_dir}"])
     config.validate()
-    run_dir = args.out or Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    run_dir = _run_dir(args.out, config.preset)
     if (run_dir / "metrics.json").exists():
         raise ConfigError(f"--out {run_dir} already holds a finished run; choose another")
 

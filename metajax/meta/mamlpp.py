@@ -122,7 +122,8 @@ def mamlpp(
     default_steps = inner_steps
 
     def mask_of(params: PyTree) -> PyTree | None:
-        """The per-step mask of model-shaped (untiled) ``params``."""
+        """The per-step mask of ``params`` (model-shaped or with tiled per-step leaves: a
+        mask function must depend on the leaves' paths only, as :func:`norm_mask` does)."""
         if per_step is None:
             return None
         mask = per_step(params) if callable(per_step) else per_step
@@ -143,11 +144,6 @@ def mamlpp(
             )
         return MAMLPlusPlusParams(params, lrs)
 
-    def stored_mask(meta_params: MAMLPlusPlusParams) -> PyTree | None:
-        """The per-step mask of the stored (tiled) parameters; a mask function must depend
-        on the leaves' paths only, as :func:`norm_mask` does."""
-        return mask_of(meta_params.params)
-
     def rule_for(meta_params: MAMLPlusPlusParams, adapt_mask):
         if meta_params.inner_lrs is None:
             return inner.sgd(inner_lr)
@@ -155,7 +151,7 @@ def mamlpp(
         return inner.per_layer_per_step(lrs)
 
     def run_inner(meta_params, batch, steps, **kwargs):
-        mask = stored_mask(meta_params)
+        mask = mask_of(meta_params.params)
         if mask is None:
             return inner.adapt(loss_fn, meta_params.params, batch, steps,
                                rule_for(meta_params, None), has_aux=has_aux, **kwargs), None
@@ -207,6 +203,6 @@ def mamlpp(
         return averaged_meta_grad(task_objective, meta_params, tasks)
 
     def fast_params_of(meta_params: MAMLPlusPlusParams) -> PyTree:
-        return select_step(meta_params.params, stored_mask(meta_params), default_steps - 1)
+        return select_step(meta_params.params, mask_of(meta_params.params), default_steps - 1)
 
     return Learner(init, adapt, meta_grad, fast_params_of)
