@@ -6,7 +6,7 @@
 Every preset runs through :func:`metajax.continual.experiment.run_experiment` (its run
 directory under ``--out``) and appends one JSON line (preset, settings, metrics with their
 standard deviations over seeds, wall time, machine) to ``--jsonl``. A preset already in the
-file with the same seeds and overrides is not run again, so an interrupted table resumes.
+file with the same resolved configuration is not run again, so an interrupted table resumes.
 The markdown table of every line in the file that matches ``--presets`` is printed at the end.
 """
 
@@ -79,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.jsonl.exists():
         done = [json.loads(x) for x in args.jsonl.read_text().splitlines() if x.strip()]
 
+    def resolved(name):
+        return get_continual_preset(name).with_overrides([*args.overrides, f"seeds={args.seeds}"])
+
     def finished(name):
+        # Lines carry the resolved config, so a preset whose defaults changed since a line was
+        # written is run again; older lines without one match on preset, seeds and overrides.
+        config = json.loads(resolved(name).to_json())
         return [d for d in done if d["preset"] == name and d["seeds"] == args.seeds
-                and d["overrides"] == args.overrides]
+                and d["overrides"] == args.overrides and d.get("config", config) == config]
 
     if not args.table_only:
         machine = _machine()
@@ -89,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             if finished(name):
                 print(f"{name}: already in {args.jsonl}", file=sys.stderr)
                 continue
-            config = get_continual_preset(name).with_overrides(
-                [*args.overrides, f"seeds={args.seeds}"])
+            config = resolved(name)
             run_dir = args.out / f"{name}-s{args.seeds}-{time.strftime('%Y%m%d-%H%M%S')}"
             summary = run_experiment(config, run_dir, progress=False,
                                      log=lambda m: print(m, file=sys.stderr))
             line = {
                 "preset": name, "seeds": args.seeds, "overrides": args.overrides,
+                "config": json.loads(config.to_json()),
                 "metrics": {k: v for k, v in summary.items() if k != "acc_matrix"},
                 "date": datetime.date.today().isoformat(), "machine": machine,
                 "command": " ".join(sys.argv),

@@ -80,7 +80,7 @@ _NO_DOWNLOAD = (
 
 
 class ForbiddenPickleError(pickle.UnpicklingError):
-    """A pickle asked for something a mini-ImageNet cache never needs; nothing was run."""
+    """A pickle asked for something a dataset pickle never needs; nothing was run."""
 
 
 def _latin1_encode(obj: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
@@ -163,9 +163,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise ForbiddenPickleError(
-                f"forbidden global '{module}.{name}' in pickle: a mini-ImageNet cache may only "
-                "contain numpy arrays, dicts, lists, str, int and float. The file may be "
-                "tampered with or not a mini-ImageNet cache; nothing from it was run."
+                f"forbidden global '{module}.{name}' in pickle: a dataset pickle (mini-ImageNet "
+                "cache, CIFAR-100 batch) may only contain numpy arrays, dicts, lists, str, "
+                "bytes, int and float. The file may be tampered with or not the dataset file "
+                "it claims to be; nothing from it was run."
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:

@@ -144,20 +144,24 @@ def _second_wave_presets() -> dict[str, tuple[Config, str]]:
                                 eval_inner_steps=25, inner_lr=0.1, lam=2.0, cg_steps=5),
             imaml_note.format(steps=25, lr=0.1, where="Omniglot 20-way 1-shot, MAML protocol"),
         ),
-        "omniglot-20w1s-mamlpp": (
-            dataclasses.replace(
-                omniglot[20, 1], algorithm="mamlpp", inner_steps=5, eval_inner_steps=5,
-                inner_lr=0.1, outer_lr_schedule="cosine", steps=75_000, iters_per_epoch=500,
-                msl_anneal_epochs=10, first_order_epochs=50, msl=True, lslr=True, bnwb=True,
-            ),
-            "MAML++ (Antoniou et al. 2019) Omniglot 20-way 1-shot: MSL annealed over 10 "
-            "epochs of 500 steps, first order for the first 50 epochs, learnable per-layer "
-            "per-step rates from 0.1, 5 inner steps, Adam 1e-3 cosine-annealed to 1e-5, "
-            "150 epochs, per-step batch-norm scale and bias (BNWB). Differences: no per-step "
-            "running statistics (BNRS; the reference normalises with batch statistics "
-            "throughout, so they never change its outputs); meta-batch 16 (MAML's). Not yet "
-            "measured.",
-        ),
+        **{
+            f"omniglot-{ways}w1s-mamlpp": (
+                dataclasses.replace(
+                    omniglot[ways, 1], algorithm="mamlpp", inner_steps=5, eval_inner_steps=5,
+                    inner_lr=0.1, outer_lr_schedule="cosine", steps=75_000,
+                    iters_per_epoch=500, msl_anneal_epochs=10, first_order_epochs=50,
+                    msl=True, lslr=True, bnwb=True,
+                ),
+                f"MAML++ (Antoniou et al. 2019) Omniglot {ways}-way 1-shot: MSL annealed over "
+                "10 epochs of 500 steps, first order for the first 50 epochs, learnable "
+                "per-layer per-step rates from 0.1, 5 inner steps, Adam 1e-3 cosine-annealed "
+                "to 1e-5, 150 epochs, per-step batch-norm scale and bias (BNWB). Differences: "
+                "no per-step running statistics (BNRS; the reference normalises with batch "
+                "statistics throughout, so they never change its outputs); meta-batch "
+                f"{omniglot[ways, 1].meta_batch_size} (MAML's).",
+            )
+            for ways in (5, 20)
+        },
     }
 
 
