@@ -83,7 +83,9 @@ def nnls(A: jax.Array, b: jax.Array, max_steps: int | None = None) -> jax.Array:
 
     Every iterate is feasible and the objective never rises. The method ends after finitely
     many steps, in practice about as many as there are positive entries in the solution
-    plus a few removals; under ``jit`` the loop runs a fixed ``max_steps`` times. Working on
+    plus a few removals; the loop (a ``lax.while_loop``) stops there, or after ``max_steps``
+    steps at most. Under ``vmap`` it runs until every problem of the batch is done. It is
+    not reverse-differentiable (nothing in GEM differentiates through it). Working on
     ``A`` itself rather than on ``A^T A`` keeps the conditioning of ``A``, not its square,
     which matters in float32 when columns are similar (similar past-task gradients).
     Linearly dependent columns are fine: the face problems are solved by least squares.
@@ -130,8 +132,12 @@ def nnls(A: jax.Array, b: jax.Array, max_steps: int | None = None) -> jax.Array:
         new_free = jnp.where(interior, free | joins, still_free)
         return jnp.where(done, v, new_v), jnp.where(done, free, new_free), done | optimal
 
+    def more(state):
+        i, (_, _, done) = state
+        return (i < max_steps) & ~done
+
     state = (jnp.zeros((t,), b.dtype), jnp.zeros((t,), bool), jnp.zeros((), bool))
-    v, _, _ = jax.lax.fori_loop(0, max_steps, step, state)
+    _, (v, _, _) = jax.lax.while_loop(more, lambda s: (s[0] + 1, step(s[0], s[1])), (0, state))
     return jnp.maximum(v, 0.0)
 
 

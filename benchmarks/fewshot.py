@@ -1,0 +1,172 @@
+"""Train few-shot presets under one wall-clock budget each, test them, print the table.
+
+    python benchmarks/fewshot.py --arms maml imaml mamlpp --budget-s 3600 \\
+        --data-dir ../shared/data --out runs/bench-fewshot
+
+Every arm is ``metajax train PRESET --set time_budget_s=BUDGET [--set ...]`` followed by
+``metajax evaluate RUN --tasks 600`` (the best validation checkpoint, the arm's test inner
+steps), so the arms of a table differ only in what their presets and overrides say. One JSON
+line per arm (settings, meta-steps, wall time, validation curve with the wall time of each
+point, test accuracy and 95% interval) is appended to ``--jsonl``; an arm already there with
+the same preset, overrides and budget is not run again, so an interrupted table resumes.
+
+Arms (``--arms``; ``metajax presets`` describes the presets):
+
+- ``maml``, ``imaml``, ``mamlpp``: ``omniglot-5w1s-{maml,imaml,mamlpp}`` as published
+  (``mamlpp`` with its schedules counted in 500-step epochs, so a short budget never leaves
+  its first-order phase);
+- ``mamlpp-fit``: MAML++ with its 150-epoch schedules compressed into ``--mamlpp-steps``
+  meta-steps (MSL annealed over the first 1/15, first order for the first third, cosine
+  meta-lr over the whole), all five techniques on;
+- ``mamlpp-fit-no-{msl,da,lslr,bnwb,ca}``: the same with one technique off (DA off means
+  second order throughout; CA off a constant meta-lr): the ablation table.
+
+``--ways 20`` runs the 20-way 1-shot presets instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ABLATIONS = {
+    "msl": ["msl=false"],
+    "da": ["first_order_epochs=0"],
+    "lslr": ["lslr=false"],
+    "bnwb": ["bnwb=false"],
+    "ca": ["outer_lr_schedule=constant"],
+}
+
+
+def arm_settings(arm: str, ways: int, mamlpp_steps: int) -> tuple[str, list[str]]:
+    """The preset and ``--set`` overrides of ``arm``; ``ValueError`` for an unknown one."""
+    base = f"omniglot-{ways}w1s"
+    if arm in ("maml", "imaml", "mamlpp"):
+        return f"{base}-{arm}", []
+    if arm == "mamlpp-fit" or arm.startswith("mamlpp-fit-no-"):
+        off = arm.removeprefix("mamlpp-fit").removeprefix("-no-")
+        if off and off not in ABLATIONS:
+            raise ValueError(f"unknown technique {off!r} in {arm!r}; one of {sorted(ABLATIONS)}")
+        epoch = max(1, mamlpp_steps // 150)
+        fit = [f"steps={mamlpp_steps}", f"iters_per_epoch={epoch}"]
+        return f"{base}-mamlpp", fit + ABLATIONS.get(off, [])
+    raise ValueError(
+        f"unknown arm {arm!r}; arms: maml, imaml, mamlpp, mamlpp-fit, "
+        + ", ".join(f"mamlpp-fit-no-{t}" for t in ABLATIONS)
+    )
+
+
+def _last_json(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    """Validation points of a run with the training wall time at which each was taken."""
+    wall, curve = {}, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "wall_s" in record:
+            wall[record["step"]] = record["wall_s"]
+        if "val_accuracy" in record and "run_dir" not in record:
+            curve.append({"step": record["step"], "val_accuracy": round(record["val_accuracy"], 5)})
+    for point in curve:
+        point["wall_s"] = wall.get(point["step"])
+    return curve
+
+
+def _machine() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"{platform.node()} {device.platform} ({device.device_kind}), {platform.processor()}"
+
+
+def table(lines: list[dict]) -> str:
+    """Markdown table of arms: steps, wall time, best validation and test accuracy in %."""
+    rows = [
+        "| arm | preset | overrides | meta-steps | train wall (s) | best val (%) "
+        "| test acc (%) | test steps |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in lines:
+        best = max((p["val_accuracy"] for p in d["curve"]), default=None)
+        rows.append(
+            f"| {d['arm']} | {d['preset']} | {' '.join(d['overrides']) or '-'} | {d['steps']:,} "
+            f"| {d['train_wall_s']:.0f} | {'-' if best is None else f'{100 * best:.2f}'} "
+            f"| {100 * d['test']['mean']:.2f} +/- {100 * d['test']['ci95']:.2f} "
+            f"| {d['test'].get('inner_steps', '-')} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", required=True, help="arms to run (see above)")
+    parser.add_argument("--ways", type=int, choices=(5, 20), default=5)
+    parser.add_argument("--budget-s", type=float, required=True,
+                        help="training wall-clock budget of every arm (seconds)")
+    parser.add_argument("--mamlpp-steps", type=int, default=6000,
+                        help="meta-steps the mamlpp-fit arms compress their schedules into")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="extra override for every arm (repeatable)")
+    parser.add_argument("--tasks", type=int, default=600, help="test tasks per arm")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-fewshot"))
+    parser.add_argument("--jsonl", type=Path, default=Path("benchmarks/results/fewshot.jsonl"))
+    parser.add_argument("--table-only", action="store_true", help="print the table, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        arms = {a: arm_settings(a, args.ways, args.mamlpp_steps) for a in args.arms}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    done = []
+    if args.jsonl.exists():
+        done = [json.loads(x) for x in args.jsonl.read_text().splitlines() if x.strip()]
+
+    def finished(arm):
+        preset, overrides = arms[arm]
+        return [d for d in done if d["preset"] == preset and d["budget_s"] == args.budget_s
+                and d["overrides"] == overrides + args.overrides]
+
+    cli = [sys.executable, "-m", "metajax.cli"]
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    for arm, (preset, overrides) in arms.items():
+        if args.table_only or finished(arm):
+            continue
+        overrides = overrides + args.overrides
+        run_dir = args.out / f"{arm}-{args.ways}w1s-{time.strftime('%Y%m%d-%H%M%S')}"
+        sets = [x for o in [*overrides, f"time_budget_s={args.budget_s:g}"] for x in ("--set", o)]
+        print(f"{arm}: {preset} {' '.join(overrides)} -> {run_dir}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        summary = _last_json([*cli, "train", preset, "--out", str(run_dir), "--no-progress",
+                              *data, *sets])
+        train_wall = time.perf_counter() - start
+        test = _last_json([*cli, "evaluate", str(run_dir), "--tasks", str(args.tasks)])
+        line = {
+            "arm": arm, "preset": preset, "overrides": overrides, "budget_s": args.budget_s,
+            "steps": summary["step"], "train_wall_s": round(train_wall, 1),
+            "curve": _curve(run_dir), "test": test, "run_dir": str(run_dir),
+            "date": datetime.date.today().isoformat(), "machine": _machine(),
+            "command": " ".join(sys.argv),
+        }
+        with args.jsonl.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        done.append(line)
+        print(f"{arm}: {summary['step']} steps, test {100 * test['mean']:.2f} +/- "
+              f"{100 * test['ci95']:.2f}%", file=sys.stderr, flush=True)
+    print(table([line for arm in arms for line in finished(arm)[-1:]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
