@@ -15,21 +15,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+from _results import append_line, read_lines
+from _results import machine as current_machine
+
 from metajax.continual.experiment import run_experiment
 from metajax.presets.continual import CONTINUAL_PRESETS, get_continual_preset
-
-
-def _machine() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return f"{platform.node()} {device.platform} ({device.device_kind}), {platform.processor()}"
 
 
 def _fmt(value, std=None, scale=100.0) -> str:
@@ -74,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print(f"no preset matches {args.presets}", file=sys.stderr)
         return 2
-    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = []
-    if args.jsonl.exists():
-        done = [json.loads(x) for x in args.jsonl.read_text().splitlines() if x.strip()]
+    done = read_lines(args.jsonl)
 
     def resolved(name):
         return get_continual_preset(name).with_overrides([*args.overrides, f"seeds={args.seeds}"])
@@ -90,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 and d["overrides"] == args.overrides and d.get("config", config) == config]
 
     if not args.table_only:
-        machine = _machine()
+        machine = current_machine()
         for name in names:
             if finished(name):
                 print(f"{name}: already in {args.jsonl}", file=sys.stderr)
@@ -106,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.date.today().isoformat(), "machine": machine,
                 "command": " ".join(sys.argv),
             }
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(line) + "\n")
+            append_line(args.jsonl, line)
             done.append(line)
             m = line["metrics"]
             print(f"{name}: ACC {m['avg_accuracy']:.4f} BWT {m['bwt']:.4f} "

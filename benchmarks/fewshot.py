@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import append_line, read_lines
+from _results import machine as current_machine
 
 ABLATIONS = {
     "msl": ["msl=false"],
@@ -81,13 +83,6 @@ def _curve(run_dir: Path) -> list[dict]:
     return curve
 
 
-def _machine() -> str:
-    import jax
-
-    device = jax.devices()[0]
-    return f"{platform.node()} {device.platform} ({device.device_kind}), {platform.processor()}"
-
-
 def table(lines: list[dict]) -> str:
     """Markdown table of arms: steps, wall time, best validation and test accuracy in %."""
     rows = [
@@ -128,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = []
-    if args.jsonl.exists():
-        done = [json.loads(x) for x in args.jsonl.read_text().splitlines() if x.strip()]
+    done = read_lines(args.jsonl)
 
     def finished(arm):
         preset, overrides = arms[arm]
@@ -156,11 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             "arm": arm, "preset": preset, "overrides": overrides, "budget_s": args.budget_s,
             "steps": summary["step"], "train_wall_s": round(train_wall, 1),
             "curve": _curve(run_dir), "test": test, "run_dir": str(run_dir),
-            "date": datetime.date.today().isoformat(), "machine": _machine(),
+            "date": datetime.date.today().isoformat(), "machine": current_machine(),
             "command": " ".join(sys.argv),
         }
-        with args.jsonl.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_line(args.jsonl, line)
         done.append(line)
         print(f"{arm}: {summary['step']} steps, test {100 * test['mean']:.2f} +/- "
               f"{100 * test['ci95']:.2f}%", file=sys.stderr, flush=True)
