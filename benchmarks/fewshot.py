@@ -37,6 +37,8 @@ from pathlib import Path
 from _results import append_line, read_lines
 from _results import machine as current_machine
 
+from metajax.presets import get_preset
+
 ABLATIONS = {
     "msl": ["msl=false"],
     "da": ["first_order_epochs=0"],
@@ -125,10 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
     done = read_lines(args.jsonl)
 
+    def resolved(arm):
+        # Lines carry the resolved config, so a preset whose defaults changed is run again.
+        preset, overrides = arms[arm]
+        config = get_preset(preset).with_overrides(
+            [*overrides, *args.overrides, f"time_budget_s={args.budget_s:g}"])
+        return json.loads(config.to_json())
+
     def finished(arm):
         preset, overrides = arms[arm]
+        config = resolved(arm)
         return [d for d in done if d["preset"] == preset and d["budget_s"] == args.budget_s
-                and d["overrides"] == overrides + args.overrides]
+                and d["overrides"] == overrides + args.overrides
+                and d.get("config", config) == config]
 
     cli = [sys.executable, "-m", "metajax.cli"]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         test = _last_json([*cli, "evaluate", str(run_dir), "--tasks", str(args.tasks)])
         line = {
             "arm": arm, "preset": preset, "overrides": overrides, "budget_s": args.budget_s,
+            "config": resolved(arm),
             "steps": summary["step"], "train_wall_s": round(train_wall, 1),
             "curve": _curve(run_dir), "test": test, "run_dir": str(run_dir),
             "date": datetime.date.today().isoformat(), "machine": current_machine(),

@@ -75,6 +75,22 @@ def test_imaml_meta_gradient_matches_closed_form(x64):
     np.testing.assert_allclose(grads["phi"], expected, rtol=1e-8, atol=1e-10)
 
 
+def test_imaml_damped_backward_matches_closed_form(x64):
+    """cg_damping and lam_damping solve ((1 + d) I + A / (lam + l)) u = grad L_query(phi*)
+    at the undamped proximal solution phi*."""
+    lam, d, extra = 2.0, 1.0, 10.0
+    task = quadratic_task(jax.random.PRNGKey(7))
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    learner = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=6,
+                       cg_damping=d, lam_damping=extra)
+    grads, _ = learner.meta_grad({"phi": theta}, jax.tree.map(lambda x: x[None], task))
+    phi_star, exact = closed_form(theta, task, lam)
+    a, _ = task.support
+    expected = jnp.linalg.solve((1 + d) * jnp.eye(6) + a / (lam + extra), phi_star - task.query[1])
+    np.testing.assert_allclose(grads["phi"], expected, rtol=1e-8, atol=1e-10)
+    assert float(jnp.linalg.norm(expected - exact)) > 0.1 * float(jnp.linalg.norm(exact))
+
+
 def test_imaml_error_shrinks_with_cg_steps(x64):
     lam = 0.5
     task = quadratic_task(jax.random.PRNGKey(6), d=10)
@@ -131,3 +147,7 @@ def test_imaml_bad_arguments():
         mj.imaml(quadratic_loss, 0.1, lam=0.0)
     with pytest.raises(ValueError, match="cg_steps must be"):
         mj.imaml(quadratic_loss, 0.1, cg_steps=0)
+    with pytest.raises(ValueError, match="lam_damping must be >= 0"):
+        mj.imaml(quadratic_loss, 0.1, lam_damping=-1.0)
+    with pytest.raises(ValueError, match="cg_damping must be >= 0"):
+        mj.imaml(quadratic_loss, 0.1, cg_damping=float("nan"))

@@ -125,25 +125,34 @@ def _second_wave_presets() -> dict[str, tuple[Config, str]]:
     imaml_note = (
         "iMAML (Rajeswaran et al. 2019), GD inner solver: lambda 2.0, 5 CG steps, {steps} "
         "inner steps of {lr} (inner lr our choice), MAML's meta-batch and outer Adam 1e-3; "
-        "{where}. {status}"
+        "{where}.{backward} {status}"
+    )
+    released = (
+        " Backward system 2u + Hu/12 (cg_damping 1, lam_damping 10) as in the authors' "
+        "released code, not the paper's u + Hu/2: with a Conv4 H is indefinite and 5 CG "
+        "steps on the undamped system give poor meta-gradients."
     )
     return {
         "sinusoid-imaml": (
             dataclasses.replace(_MAML_SINUSOID, algorithm="imaml", inner_steps=10,
                                 inner_lr=0.02, lam=1.0, cg_steps=5),
             imaml_note.format(steps=10, lr=0.02, where="sinusoid setting of sinusoid-maml, "
-                              "lambda 1.0 instead of 2.0", status="Not yet measured."),
+                              "lambda 1.0 instead of 2.0", backward="", status="Not yet measured."),
         ),
         "omniglot-5w1s-imaml": (
             dataclasses.replace(omniglot[5, 1], algorithm="imaml", inner_steps=16,
-                                eval_inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5),
+                                eval_inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5,
+                                cg_damping=1.0, lam_damping=10.0),
             imaml_note.format(steps=16, lr=0.1, where="Omniglot 5-way 1-shot, MAML protocol",
+                              backward=released,
                               status="Only a 25-minute run so far (benchmarks/RESULTS.md)."),
         ),
         "omniglot-20w1s-imaml": (
             dataclasses.replace(omniglot[20, 1], algorithm="imaml", inner_steps=25,
-                                eval_inner_steps=25, inner_lr=0.1, lam=2.0, cg_steps=5),
+                                eval_inner_steps=25, inner_lr=0.1, lam=2.0, cg_steps=5,
+                                cg_damping=1.0, lam_damping=10.0),
             imaml_note.format(steps=25, lr=0.1, where="Omniglot 20-way 1-shot, MAML protocol",
+                              backward=released,
                               status="Not yet measured."),
         ),
         **{

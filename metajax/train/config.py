@@ -122,6 +122,7 @@ class Config(FlatConfig):
       remat: rematerialise MAML's inner steps in the backward pass (less memory).
       lam: iMAML's proximal strength lambda.
       cg_steps: iMAML's conjugate-gradient iterations.
+      cg_damping, lam_damping: iMAML's backward-system stabilisers, see :func:`metajax.imaml`.
       msl: MAML++ multi-step loss.
       lslr: MAML++ learnable per-layer per-step inner learning rates.
       bnwb: MAML++ per-step batch-norm scale and bias (meta-learned, one copy per inner step).
@@ -163,6 +164,8 @@ class Config(FlatConfig):
     remat: bool = False
     lam: float = 2.0
     cg_steps: int = 5
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
     msl: bool = True
     lslr: bool = True
     bnwb: bool = False
@@ -187,6 +190,7 @@ class Config(FlatConfig):
             ),
             non_negative=(
                 "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
+                "cg_damping", "lam_damping",
             ),
             choices={
                 "dataset": DATASETS,
