@@ -77,6 +77,9 @@ def test_derivative_order_switch_without_recompiling(x64):
     expected_second = mj.maml(mlp_loss, 0.1, 2).meta_grad(params, tasks)[0]
     chex.assert_trees_all_close(second.params, expected_second, rtol=1e-10)
     assert np.abs(flat(first.params) - flat(second.params)).max() > 1e-4
+    # The switch is a branch, not a blend: first-order steps do not pay for second order.
+    hlo = step.lower(meta_params, tasks, jnp.float32(1.0)).as_text()
+    assert "stablehlo.case" in hlo or "stablehlo.if" in hlo
 
 
 def test_msl_weights_schedule():

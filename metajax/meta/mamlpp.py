@@ -16,6 +16,7 @@ running averages never change an output; :class:`metajax.nn.Conv4` normalises th
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -185,9 +186,9 @@ def mamlpp(
         weights = (jnp.full((default_steps,), 1.0 / default_steps) if step_weights is None
                    else jnp.asarray(step_weights))
 
-        def task_objective(mp: MAMLPlusPlusParams, task: Task):
+        def task_objective(mp: MAMLPlusPlusParams, task: Task, order):
             (fast, support_losses, (query_losses, aux)), _ = run_inner(
-                mp, task.support, default_steps, first_order=first_order,
+                mp, task.support, default_steps, first_order=order,
                 after_step=lambda p: objective(p, task.query),
             )
             del fast
@@ -200,7 +201,16 @@ def mamlpp(
                 metrics["aux"] = jax.tree.map(lambda a: a[-1], aux)
             return loss, metrics
 
-        return averaged_meta_grad(task_objective, meta_params, tasks)
+        def grads_of(order: bool):
+            return averaged_meta_grad(partial(task_objective, order=order), meta_params, tasks)
+
+        if isinstance(first_order, bool):
+            return grads_of(first_order)
+        # A traced switch picks one of two compiled branches, so the first-order epochs of
+        # derivative-order annealing cost what first-order MAML costs (an unbatched predicate
+        # stays a real branch; under a vmap that batches it both would run).
+        return jax.lax.cond(jnp.asarray(first_order) > 0.5, lambda: grads_of(True),
+                            lambda: grads_of(False))
 
     def fast_params_of(meta_params: MAMLPlusPlusParams) -> PyTree:
         return select_step(meta_params.params, mask_of(meta_params.params), default_steps - 1)
