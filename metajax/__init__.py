@@ -20,6 +20,7 @@ from metajax.meta import (
     mamlpp,
     metasgd,
     msl_weights,
+    norm_mask,
     reptile,
 )
 from metajax.types import Batch, Learner, LossFn, PyTree, Task
@@ -30,6 +31,7 @@ __all__ = [
     "MAMLPlusPlusParams",
     "mamlpp",
     "msl_weights",
+    "norm_mask",
     "Batch",
     "Learner",
     "LossFn",
