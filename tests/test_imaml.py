@@ -91,6 +91,24 @@ def test_imaml_damped_backward_matches_closed_form(x64):
     assert float(jnp.linalg.norm(expected - exact)) > 0.1 * float(jnp.linalg.norm(exact))
 
 
+def test_imaml_reports_whether_the_inner_solve_converged(x64):
+    """inner_residual: ~0 at the proximal solution, large when gradient descent diverges
+    (step above 2 / (lam + top eigenvalue)), in between when stopped early."""
+    task = quadratic_task(jax.random.PRNGKey(8))
+    tasks = jax.tree.map(lambda x: x[None], task)
+    theta = {"phi": jnp.linspace(-1.0, 1.0, 6)}
+
+    def residual(inner_lr, inner_steps):
+        learner = mj.imaml(quadratic_loss, inner_lr=inner_lr, inner_steps=inner_steps, lam=2.0)
+        return float(learner.meta_grad(theta, tasks)[1]["inner_residual"])
+
+    # The proximal curvature lies in [1 + 2, 20 + 2]: 1/22 converges, 0.12 > 2/22 diverges.
+    converged, early, diverged = residual(1 / 22, 600), residual(1 / 22, 3), residual(0.12, 30)
+    assert converged < 1e-9
+    assert 1e-3 < early < 1.0
+    assert diverged > 10.0
+
+
 def test_imaml_error_shrinks_with_cg_steps(x64):
     lam = 0.5
     task = quadratic_task(jax.random.PRNGKey(6), d=10)

@@ -70,7 +70,9 @@ def inner_loop_learner(
 
     ``run_inner(meta_params, support, steps) -> (fast_params, support_losses)`` is the
     algorithm's inner loop; ``meta_grad`` differentiates the task-averaged query loss through
-    it (MAML, FOMAML, ANIL, Meta-SGD differ only in ``run_inner`` and ``init``).
+    it (MAML, FOMAML, ANIL, Meta-SGD differ only in ``run_inner`` and ``init``). It may
+    return a third element, a dict of per-task scalars added to ``meta_grad``'s metrics
+    (iMAML's ``inner_residual``).
     """
     objective = loss_and_aux(loss_fn, has_aux)
 
@@ -80,9 +82,12 @@ def inner_loop_learner(
         return run_inner(meta_params, support, steps)[0]
 
     def task_objective(meta_params: PyTree, task: Task):
-        fast_params, support_losses = run_inner(meta_params, task.support, default_steps)
+        fast_params, support_losses, *extra = run_inner(meta_params, task.support,
+                                                        default_steps)
         query_loss, aux = objective(fast_params, task.query)
         metrics = {"support_loss": support_losses[0], "query_loss": query_loss}
+        for more in extra:
+            metrics.update(more)
         if has_aux:
             metrics["aux"] = aux
         return query_loss, metrics
