@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
+from metajax.meta.imaml import backtracking_descent
 from metajax.presets.build import build_problem
 from metajax.train.checkpoint import load_params
 from metajax.train.config import Config
@@ -35,8 +36,12 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--tasks", type=int, default=12)
-    parser.add_argument("--params", default="best_meta_params.msgpack")
+    parser.add_argument("--params", default="best_meta_params.msgpack",
+                        help="checkpoint file in RUN_DIR, or 'init' for freshly initialised "
+                        "parameters (seed 0)")
     parser.add_argument("--power-steps", type=int, default=30)
+    parser.add_argument("--solver", choices=("gd", "backtracking"), default=None,
+                        help="inner solver (default: the run's inner_solver)")
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -47,10 +52,13 @@ def main(argv=None) -> int:
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     problem = build_problem(config)
-    theta = load_params(args.run_dir / args.params, problem.init_params(jax.random.PRNGKey(0)))
+    theta = problem.init_params(jax.random.PRNGKey(0))
+    if args.params != "init":
+        theta = load_params(args.run_dir / args.params, theta)
     tasks = problem.sample_tasks(jax.random.PRNGKey(args.seed), args.tasks, config.shots,
                                  config.queries, "train")
     lam, lr, steps = config.lam, config.inner_lr, config.inner_steps
+    solver = args.solver or config.inner_solver
 
     def loss(params, batch):
         out = problem.loss_fn(params, batch)
@@ -74,17 +82,21 @@ def main(argv=None) -> int:
         start = jax.tree.map(jnp.ones_like, theta)
         _, sizes = jax.lax.scan(power, start, None, length=args.power_steps)
 
-        def step(phi, _):
-            phi = inner.adapt(proximal, phi, (support, theta), 1, inner.sgd(lr))[0]
-            return phi, proximal(phi, (support, theta))
+        if solver == "backtracking":
+            phi, trajectory = backtracking_descent(proximal, theta, (support, theta), steps, lr)
+        else:
+            def step(phi, _):
+                phi = inner.adapt(proximal, phi, (support, theta), 1, inner.sgd(lr))[0]
+                return phi, proximal(phi, (support, theta))
 
-        phi, trajectory = jax.lax.scan(step, theta, None, length=steps)
+            phi, trajectory = jax.lax.scan(step, theta, None, length=steps)
         residual = tree_norm(jax.grad(proximal)(phi, (support, theta))) / tree_norm(
             grad(theta, support))
         return sizes[-1], trajectory, residual
 
-    print(f"{args.run_dir}: inner lr {lr}, {steps} steps, lambda {lam}; GD converges for "
-          "top |eigenvalue| < 2 / inner_lr - lambda = " f"{2 / lr - lam:.1f}")
+    print(f"{args.run_dir}: {solver} inner solver, lr {lr}, {steps} steps, lambda {lam}; "
+          f"GD at this lr is stable only where the curvature along its path stays below "
+          f"2 / inner_lr - lambda = {2 / lr - lam:.1f}")
     marks = sorted({0, min(3, steps - 1), min(7, steps - 1), steps - 1})
     for i in range(args.tasks):
         task = jax.tree.map(lambda x, i=i: x[i], tasks)

@@ -111,6 +111,7 @@ def test_mamlpp_schedule_follows_epochs():
     "preset, overrides",
     [
         ("sinusoid-imaml", {"inner_steps": 3}),
+        ("sinusoid-imaml", {"inner_steps": 3, "inner_solver": "backtracking"}),
         ("sinusoid-maml", {"algorithm": "mamlpp", "inner_steps": 2, "iters_per_epoch": 5,
                            "first_order_epochs": 1, "outer_lr_schedule": "cosine"}),
         ("sinusoid-maml", {"remat": True, "inner_steps": 2}),
@@ -127,3 +128,14 @@ def test_other_algorithms_train_through_the_loop(tmp_path, preset, overrides):
                     tmp_path, progress=False, meta_grad_schedule=build_meta_grad_schedule(config))
     assert summary["step"] == 20 and np.isfinite(summary["meta_loss"])
     assert np.isfinite(summary["val_mse"])
+
+
+def test_inner_solver_is_checked():
+    from metajax.train.config import ConfigError
+
+    base = get_preset("sinusoid-imaml")
+    with pytest.raises(ConfigError, match="inner_solver"):
+        dataclasses.replace(base, inner_solver="newton").validate()
+    with pytest.raises(ConfigError, match="applies to imaml only"):
+        dataclasses.replace(base, algorithm="maml", inner_solver="backtracking").validate()
+    assert base.with_overrides(["inner_solver=backtracking"]).inner_solver == "backtracking"

@@ -1,6 +1,11 @@
 """Meta-learners: NamedTuples of pure functions ``init``, ``adapt``, ``meta_grad``."""
 
-from metajax.meta.imaml import conjugate_gradient, imaml, implicit_proximal_solver
+from metajax.meta.imaml import (
+    backtracking_descent,
+    conjugate_gradient,
+    imaml,
+    implicit_proximal_solver,
+)
 from metajax.meta.maml import anil, head_mask, maml
 from metajax.meta.mamlpp import MAMLPlusPlusParams, mamlpp, msl_weights, norm_mask
 from metajax.meta.metasgd import MetaSGDParams, metasgd
@@ -13,6 +18,7 @@ __all__ = [
     "norm_mask",
     "MetaSGDParams",
     "anil",
+    "backtracking_descent",
     "conjugate_gradient",
     "head_mask",
     "imaml",

@@ -164,7 +164,8 @@ def build_learner(config: Config, problem: Problem) -> mj.Learner:
         "anil": lambda: mj.anil(loss_fn, lr, steps, has_aux=aux),
         "imaml": lambda: mj.imaml(loss_fn, lr, steps, lam=config.lam, cg_steps=config.cg_steps,
                                   cg_damping=config.cg_damping,
-                                  lam_damping=config.lam_damping, has_aux=aux),
+                                  lam_damping=config.lam_damping,
+                                  inner_solver=config.inner_solver, has_aux=aux),
         "mamlpp": lambda: mj.mamlpp(
             loss_fn, lr, steps, multi_step_loss=config.msl, learnable_lrs=config.lslr,
             per_step=norm_mask if config.bnwb else None, has_aux=aux,

@@ -8,6 +8,8 @@ import types
 import typing
 from pathlib import Path
 
+from metajax.meta.imaml import INNER_SOLVERS
+
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "imaml", "mamlpp")
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OMNIGLOT_SPLITS = ("maml", "alphabets")
@@ -123,6 +125,8 @@ class Config(FlatConfig):
       lam: iMAML's proximal strength lambda.
       cg_steps: iMAML's conjugate-gradient iterations.
       cg_damping, lam_damping: iMAML's backward-system stabilisers, see :func:`metajax.imaml`.
+      inner_solver: iMAML's inner solver, ``gd`` (fixed steps of ``inner_lr``) or
+        ``backtracking`` (steps that shrink when the proximal loss would not fall).
       msl: MAML++ multi-step loss.
       lslr: MAML++ learnable per-layer per-step inner learning rates.
       bnwb: MAML++ per-step batch-norm scale and bias (meta-learned, one copy per inner step).
@@ -166,6 +170,7 @@ class Config(FlatConfig):
     cg_steps: int = 5
     cg_damping: float = 0.0
     lam_damping: float = 0.0
+    inner_solver: str = "gd"
     msl: bool = True
     lslr: bool = True
     bnwb: bool = False
@@ -199,8 +204,12 @@ class Config(FlatConfig):
                 "outer_optimizer": OUTER_OPTIMIZERS,
                 "outer_lr_schedule": SCHEDULES,
                 "norm": NORMS,
+                "inner_solver": INNER_SOLVERS,
             },
         )
+        if self.inner_solver != "gd" and self.algorithm != "imaml":
+            raise ConfigError(f"inner_solver={self.inner_solver!r} applies to imaml only; "
+                              f"{self.algorithm} takes plain gradient steps")
         return self
 
     @property
