@@ -38,6 +38,7 @@ from _results import append_line, read_lines
 from _results import machine as current_machine
 
 from metajax.presets import get_preset
+from metajax.train.config import Config
 
 ABLATIONS = {
     "msl": ["msl=false"],
@@ -134,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             [*overrides, *args.overrides, f"time_budget_s={args.budget_s:g}"])
         return json.loads(config.to_json())
 
+    defaults = json.loads(Config().to_json())
+
     def finished(arm):
+        # A field added since a line was written counts at its default value.
         preset, overrides = arms[arm]
         config = resolved(arm)
         return [d for d in done if d["preset"] == preset and d["budget_s"] == args.budget_s
                 and d["overrides"] == overrides + args.overrides
-                and d.get("config", config) == config]
+                and {**defaults, **d.get("config", config)} == config]
 
     cli = [sys.executable, "-m", "metajax.cli"]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
