@@ -190,6 +190,23 @@ def test_omniglot_output_shape(batch):
     assert variables["params"]["head"]["kernel"].shape == (256, 5)  # 2 * 2 * 64
 
 
+def test_mean_readout_averages_positions_before_the_head():
+    """readout="mean" (the MAML reference's Omniglot head) equals the flatten readout with a
+    head that gives each of the 4 positions a quarter of the mean head's weights."""
+    x = _normal(3, (6, 28, 28, 1))
+    mean_model = conv4_omniglot(5, filters=8, readout="mean")
+    params = mean_model.init(jax.random.PRNGKey(1), x)["params"]
+    assert params["head"]["kernel"].shape == (8, 5)
+    flat_params = dict(params)
+    # Flattening is row-major over (h, w, c): feature (h * 2 + w) * 8 + c.
+    flat_params["head"] = {"kernel": jnp.tile(params["head"]["kernel"] / 4, (4, 1)),
+                           "bias": params["head"]["bias"]}
+    flat = conv4_omniglot(5, filters=8).apply({"params": flat_params}, x)
+    _close(mean_model.apply({"params": params}, x), flat)
+    with pytest.raises(ValueError, match="readout"):
+        jax.eval_shape(Conv4(5, readout="max").init, jax.random.PRNGKey(0), x)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 80])
 def test_miniimagenet_output_shape_and_features(batch):
     model = conv4_miniimagenet(5)

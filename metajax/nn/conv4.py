@@ -3,12 +3,15 @@
 Each block is a 3x3 convolution, batch norm, ReLU and a downsampling step:
 
 * ``variant="omniglot"``: the convolution has stride 2 (SAME) and there is no pooling, as in the
-  MAML reference code for 28x28 Omniglot: 28 -> 14 -> 7 -> 4 -> 2, so 64 filters give
-  ``2 * 2 * 64 = 256`` features.
+  MAML reference code for 28x28 Omniglot: 28 -> 14 -> 7 -> 4 -> 2. ``readout="flatten"``
+  (default) feeds all ``2 * 2 * 64 = 256`` values to the head, as iMAML's released code
+  does; ``readout="mean"`` averages the 2x2 positions into 64 features first, as the MAML
+  reference code does for Omniglot.
 * ``variant="miniimagenet"``: stride-1 SAME convolution then 2x2 max-pooling (VALID):
   84 -> 42 -> 21 -> 10 -> 5, so 32 filters give ``5 * 5 * 32 = 800`` features.
 
-The features are flattened and fed to a linear layer named ``head``, so ANIL-style learners
+The features are flattened (or averaged over positions) and fed to a linear layer named
+``head``, so ANIL-style learners
 can select the head by a params path containing ``'head'``.
 
 Batch norm follows the MAML reference: every call normalises with the mean and variance of the
@@ -32,9 +35,11 @@ from metajax.nn.conv import ConvImpl, conv2d, max_pool_2x2, resolve_impl
 
 Variant = Literal["omniglot", "miniimagenet"]
 Norm = Literal["batch", "layer", "none"]
+Readout = Literal["flatten", "mean"]
 
 VARIANTS: tuple[str, ...] = ("omniglot", "miniimagenet")
 NORMS: tuple[str, ...] = ("batch", "layer", "none")
+READOUTS: tuple[str, ...] = ("flatten", "mean")
 
 
 class Conv2D(nn.Module):
@@ -127,6 +132,8 @@ class Conv4(nn.Module):
         ``"layer"`` (per-example statistics, :class:`ExampleNorm`: non-transductive) or
         ``"none"``.
       conv_impl: ``"auto"`` | ``"im2col"`` | ``"lax"``, see :func:`metajax.nn.conv.conv2d`.
+      readout: ``"flatten"`` (every position's channels, the default) or ``"mean"`` (the
+        channels averaged over positions: ``filters`` features whatever the image size).
 
     Params: ``conv0..conv3`` (``kernel``, plus ``bias`` when ``norm="none"``),
     ``norm0..norm3`` (``scale``, ``bias``; only for ``norm="batch"``), ``head``
@@ -139,6 +146,7 @@ class Conv4(nn.Module):
     variant: Variant = "omniglot"
     norm: Norm = "batch"
     conv_impl: ConvImpl = "auto"
+    readout: Readout = "flatten"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -149,6 +157,8 @@ class Conv4(nn.Module):
                 f"Conv4 norm must be one of {NORMS}, got {self.norm!r} (running-average batch "
                 "norm is not offered: 'layer' is the non-transductive alternative)."
             )
+        if self.readout not in READOUTS:
+            raise ValueError(f"Conv4 readout must be one of {READOUTS}, got {self.readout!r}.")
         if self.num_classes < 1 or self.filters < 1:
             raise ValueError(
                 f"Conv4 needs num_classes >= 1 and filters >= 1, got num_classes="
@@ -181,6 +191,8 @@ class Conv4(nn.Module):
             x = nn.relu(x)
             if not omniglot:
                 x = max_pool_2x2(x)
+        if self.readout == "mean":
+            x = jnp.mean(x, axis=(1, 2))
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, name="head")(x)
 
@@ -188,8 +200,9 @@ class Conv4(nn.Module):
 def conv4_omniglot(ways: int, filters: int = 64, **kwargs) -> Conv4:
     """Conv4 for 28x28x1 Omniglot as in MAML (Finn et al., 2017): 64 filters, stride-2 convs.
 
-    Input ``[N, 28, 28, 1]``, logits ``[N, ways]``, 256 features before the head.
-    ``kwargs`` (``norm``, ``conv_impl``) go to :class:`Conv4`.
+    Input ``[N, 28, 28, 1]``, logits ``[N, ways]``; 256 features before the head, or 64
+    with ``readout="mean"`` (the MAML reference's). ``kwargs`` (``norm``, ``conv_impl``,
+    ``readout``) go to :class:`Conv4`.
     """
     return Conv4(num_classes=ways, filters=filters, variant="omniglot", **kwargs)
 

@@ -101,7 +101,9 @@ def _few_shot_presets() -> dict[str, tuple[Config, str]]:
                     )
                 where = (
                     "Omniglot (MAML protocol: 1,200 training characters with 90-degree "
-                    "rotations as classes, 423 test characters)"
+                    "rotations as classes, 423 test characters; the Conv4 head reads all "
+                    "2x2x64 features, where the MAML reference averages the 2x2 positions: "
+                    "--set readout=mean for that)"
                     if dataset == "omniglot"
                     else "mini-ImageNet (Ravi-Larochelle split, 32-filter Conv4)"
                 )

@@ -131,7 +131,8 @@ def omniglot_problem(config: Config) -> Problem:
 
     arrays = load_omniglot(config.data_dir or None)
     splits = omniglot_splits(arrays, config.split)
-    return classification_problem(config, splits, conv4_omniglot(config.ways, norm=config.norm))
+    return classification_problem(config, splits, conv4_omniglot(config.ways, norm=config.norm,
+                                                                readout=config.readout))
 
 
 def miniimagenet_problem(config: Config) -> Problem:
@@ -140,7 +141,7 @@ def miniimagenet_problem(config: Config) -> Problem:
 
     images, _ = load_miniimagenet(config.data_dir or None)
     return classification_problem(
-        config, images, conv4_miniimagenet(config.ways, norm=config.norm)
+        config, images, conv4_miniimagenet(config.ways, norm=config.norm, readout=config.readout)
     )
 
 

@@ -15,6 +15,7 @@ DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OMNIGLOT_SPLITS = ("maml", "alphabets")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 NORMS = ("batch", "layer", "none")
+READOUTS = ("flatten", "mean")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -140,6 +141,8 @@ class Config(FlatConfig):
       norm: Conv4 normalisation: ``batch`` (current-batch statistics in training and
         evaluation, as the MAML reference: transductive), ``layer`` (per-example statistics:
         non-transductive) or ``none``.
+      readout: Conv4 features for the head, ``flatten`` (every position; iMAML's released
+        code) or ``mean`` (averaged over positions; the MAML reference for Omniglot).
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
         ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
     """
@@ -181,6 +184,7 @@ class Config(FlatConfig):
     data_dir: str = ""
     split: str = "maml"
     norm: str = "batch"
+    readout: str = "flatten"
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -204,6 +208,7 @@ class Config(FlatConfig):
                 "outer_optimizer": OUTER_OPTIMIZERS,
                 "outer_lr_schedule": SCHEDULES,
                 "norm": NORMS,
+                "readout": READOUTS,
                 "inner_solver": INNER_SOLVERS,
             },
         )
