@@ -124,8 +124,8 @@ def backtracking_descent(
     loss falls by at least ``sufficient_decrease * lr * |grad|^2`` (Armijo's condition) and
     is finite; a rejected trial leaves the parameters and multiplies ``lr`` by ``shrink``, an
     accepted one multiplies it by ``grow`` up to ``max_lr``. Each trial costs one
-    ``value_and_grad`` (the proposal's gradient is the next step's), plus one at the start,
-    so it costs what ``steps`` steps of plain gradient descent cost; unlike plain gradient
+    ``value_and_grad`` (the proposal's gradient is the next step's), plus one at the start:
+    one gradient more than ``steps`` steps of plain gradient descent. Unlike plain gradient
     descent it cannot oscillate or diverge when ``max_lr`` is too large for the curvature
     it meets, which is what an implicit meta-gradient needs (it is exact only at a
     solution). Works under ``jax.vmap`` (the accept decision is a select, not a branch).
@@ -213,7 +213,8 @@ def imaml(
       inner_solver: ``"gd"`` (fixed steps of ``inner_lr``) or ``"backtracking"`` (steps
         that shrink when the proximal loss would not fall, grow back up to ``inner_lr``;
         same cost per step). Use it when ``inner_residual`` stays high: plain gradient
-        descent oscillates once ``inner_lr`` exceeds ``2 / (lam + curvature)``.
+        descent oscillates where ``inner_lr`` exceeds ``2 / (lam + curvature)`` along its
+        path.
       Others as :func:`metajax.maml`. Its meta-parameters are the model parameters.
     """
     check_positive_number("inner_lr", inner_lr)
