@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
-from metajax.meta.imaml import backtracking_descent
+from metajax.meta.imaml import INNER_SOLVERS, backtracking_descent
 from metajax.presets.build import build_problem
 from metajax.train.checkpoint import load_params
 from metajax.train.config import Config
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         help="checkpoint file in RUN_DIR, or 'init' for freshly initialised "
                         "parameters (seed 0)")
     parser.add_argument("--power-steps", type=int, default=30)
-    parser.add_argument("--solver", choices=("gd", "backtracking"), default=None,
+    parser.add_argument("--solver", choices=INNER_SOLVERS, default=None,
                         help="inner solver (default: the run's inner_solver)")
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metajax as mj
@@ -162,7 +163,7 @@ def test_imaml_backtracking_meta_gradient_matches_closed_form(x64):
         mj.imaml(quadratic_loss, 0.1, inner_solver="lbfgs")
     with pytest.raises(ValueError, match="not both"):
         mj.imaml(quadratic_loss, 0.1, inner_solver="backtracking",
-                 inner_optimizer=__import__("optax").sgd(0.1))
+                 inner_optimizer=optax.sgd(0.1))
 
 
 def test_imaml_error_shrinks_with_cg_steps(x64):

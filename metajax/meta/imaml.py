@@ -212,9 +212,9 @@ def imaml(
         stabilises its Omniglot runs this way (``cg_damping=1``, ``lam_damping=10``).
       inner_solver: ``"gd"`` (fixed steps of ``inner_lr``) or ``"backtracking"`` (steps
         that shrink when the proximal loss would not fall, grow back up to ``inner_lr``;
-        same cost per step). Use it when ``inner_residual`` stays high: plain gradient
-        descent oscillates where ``inner_lr`` exceeds ``2 / (lam + curvature)`` along its
-        path.
+        one gradient per step, plus one at the start). Use it when ``inner_residual``
+        stays high: plain gradient descent oscillates where ``inner_lr`` exceeds
+        ``2 / (lam + curvature)`` along its path.
       Others as :func:`metajax.maml`. Its meta-parameters are the model parameters.
     """
     check_positive_number("inner_lr", inner_lr)
