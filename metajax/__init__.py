@@ -7,7 +7,7 @@ Public API, flat::
     grads, metrics = learner.meta_grad(meta_params, mj.Task(support, query))
 """
 
-from metajax import continual, inner
+from metajax import continual, inner, task_map
 from metajax.meta import (
     MAMLPlusPlusParams,
     MetaSGDParams,
@@ -50,4 +50,5 @@ __all__ = [
     "maml",
     "metasgd",
     "reptile",
+    "task_map",
 ]

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from metajax.inner import task_axis_mean
+from metajax.task_map import TaskMap, check_task_map, mean_value_and_grad
 from metajax.types import Learner, PyTree, Task
 
 
@@ -40,20 +39,18 @@ def averaged_meta_grad(
     task_objective: Callable[[PyTree, Task], tuple[jax.Array, dict]],
     meta_params: PyTree,
     tasks: Task,
+    task_map: TaskMap = "auto",
 ) -> tuple[PyTree, dict]:
     """Gradient of the mean of ``task_objective`` over the leading task axis of ``tasks``.
 
-    ``task_objective(meta_params, task) -> (query_loss, metrics)`` handles one task; it is
-    vmapped over tasks and the mean loss is differentiated once, so per-task gradients are
-    never materialised.
+    ``task_objective(meta_params, task) -> (query_loss, metrics)`` handles one task; the task
+    axis is executed as ``task_map`` says (:mod:`metajax.task_map`: one ``vmap``, a ``scan``
+    summing per-task gradients, or scanned vmapped chunks); the result is the same up to float
+    rounding. ``metrics`` are averaged over tasks and get ``meta_loss``.
     """
-
-    def batch_objective(mp):
-        losses, metrics = jax.vmap(task_objective, in_axes=(None, 0))(mp, tasks)
-        return jnp.mean(losses), metrics
-
-    (meta_loss, metrics), grads = jax.value_and_grad(batch_objective, has_aux=True)(meta_params)
-    metrics = task_axis_mean(metrics)
+    (meta_loss, metrics), grads = mean_value_and_grad(task_objective, meta_params, tasks,
+                                                      task_map)
+    metrics = dict(metrics)
     metrics["meta_loss"] = meta_loss
     return grads, metrics
 
@@ -65,6 +62,7 @@ def inner_loop_learner(
     inner_steps: int,
     has_aux: bool,
     fast_params_of: Callable[[PyTree], PyTree],
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """A :class:`Learner` whose meta-objective is the query loss after ``run_inner``.
 
@@ -72,8 +70,10 @@ def inner_loop_learner(
     algorithm's inner loop; ``meta_grad`` differentiates the task-averaged query loss through
     it (MAML, FOMAML, ANIL, Meta-SGD differ only in ``run_inner`` and ``init``). It may
     return a third element, a dict of per-task scalars added to ``meta_grad``'s metrics
-    (iMAML's ``inner_residual``).
+    (iMAML's ``inner_residual``). ``task_map`` says how ``meta_grad`` runs the task axis
+    (:mod:`metajax.task_map`).
     """
+    check_task_map(task_map)
     objective = loss_and_aux(loss_fn, has_aux)
 
     def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
@@ -93,7 +93,7 @@ def inner_loop_learner(
         return query_loss, metrics
 
     def meta_grad(meta_params: PyTree, tasks: Task):
-        return averaged_meta_grad(task_objective, meta_params, tasks)
+        return averaged_meta_grad(task_objective, meta_params, tasks, task_map)
 
     default_steps = inner_steps
     return Learner(init, adapt, meta_grad, fast_params_of)

@@ -19,6 +19,7 @@ from metajax.meta._common import (
     inner_loop_learner,
     loss_and_aux,
 )
+from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
 
 
@@ -185,6 +186,7 @@ def imaml(
     inner_optimizer: optax.GradientTransformation | None = None,
     inner_solver: str = "gd",
     has_aux: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """iMAML (Rajeswaran et al., 2019).
 
@@ -215,7 +217,8 @@ def imaml(
         one gradient per step, plus one at the start). Use it when ``inner_residual``
         stays high: plain gradient descent oscillates where ``inner_lr`` exceeds
         ``2 / (lam + curvature)`` along its path.
-      Others as :func:`metajax.maml`. Its meta-parameters are the model parameters.
+      Others (``task_map`` included) as :func:`metajax.maml`. Its meta-parameters are the
+      model parameters.
     """
     check_positive_number("inner_lr", inner_lr)
     check_positive_number("lam", lam)
@@ -266,4 +269,5 @@ def imaml(
     def identity(params):
         return params
 
-    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity)
+    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity,
+                              task_map)

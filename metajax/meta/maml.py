@@ -13,6 +13,7 @@ import jax
 
 from metajax import inner
 from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
 
 
@@ -25,6 +26,7 @@ def maml(
     has_aux: bool = False,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     remat: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """Model-Agnostic Meta-Learning (Finn et al., 2017).
 
@@ -45,6 +47,9 @@ def maml(
         leaves adapt in the inner loop (how :func:`anil` is built). ``None`` adapts all.
       remat: rematerialise each inner step in the backward pass (``jax.checkpoint``): memory
         for activations no longer grows with ``inner_steps``, at the cost of recomputation.
+      task_map: how ``meta_grad`` executes the task axis: ``"auto"`` (the backend's measured
+        default), ``"vmap"``, ``"scan"`` or a chunk size; see :mod:`metajax.task_map`. The
+        meta-gradient is the same whatever the choice (up to float rounding).
 
     Returns:
       A :class:`~metajax.types.Learner`; its meta-parameters are the model parameters.
@@ -69,7 +74,8 @@ def maml(
     def identity(params: PyTree) -> PyTree:
         return params
 
-    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity)
+    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity,
+                              task_map)
 
 
 def head_mask(params: PyTree, head: str | Callable[[str], bool]) -> PyTree:
@@ -96,6 +102,7 @@ def anil(
     head: str | Callable[[str], bool] = "head",
     first_order: bool = False,
     has_aux: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """Almost No Inner Loop (Raghu et al., 2020): only the head adapts in the inner loop.
 
@@ -115,4 +122,5 @@ def anil(
         first_order=first_order,
         has_aux=has_aux,
         mask=lambda params: head_mask(params, head),
+        task_map=task_map,
     )

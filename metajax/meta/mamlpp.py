@@ -29,6 +29,7 @@ from metajax.meta._common import (
     check_steps,
     loss_and_aux,
 )
+from metajax.task_map import TaskMap, check_task_map
 from metajax.types import Learner, LossFn, PyTree, Task
 
 
@@ -94,6 +95,7 @@ def mamlpp(
     learnable_lrs: bool = True,
     per_step: PyTree | Callable[[PyTree], PyTree] | None = None,
     has_aux: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """MAML with the MAML++ switches (Antoniou et al., 2019); each can be turned off.
 
@@ -111,6 +113,9 @@ def mamlpp(
         the copy of the last step taken. These leaves are meta-learned only, never adapted
         in the inner loop (the reference's default). ``None``: no per-step leaves.
       has_aux: as :func:`metajax.maml` (the final step's query ``aux`` is reported).
+      task_map: how ``meta_grad`` executes the task axis: ``"auto"`` (the backend's measured
+        default), ``"vmap"``, ``"scan"`` or a chunk size; see :mod:`metajax.task_map`. The
+        meta-gradient is the same whatever the choice (up to float rounding).
 
     ``meta_grad(meta_params, tasks, *, step_weights=None, first_order=False)``: ``first_order``
     may be a traced 0/1 scalar, so derivative-order annealing (first order for the first
@@ -119,6 +124,7 @@ def mamlpp(
     """
     check_positive_number("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
+    check_task_map(task_map)
     objective = loss_and_aux(loss_fn, has_aux)
     default_steps = inner_steps
 
@@ -202,7 +208,8 @@ def mamlpp(
             return loss, metrics
 
         def grads_of(order: bool):
-            return averaged_meta_grad(partial(task_objective, order=order), meta_params, tasks)
+            return averaged_meta_grad(partial(task_objective, order=order), meta_params, tasks,
+                                      task_map)
 
         if isinstance(first_order, bool):
             return grads_of(first_order)

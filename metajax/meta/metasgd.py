@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from metajax import inner
 from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
 
 
@@ -34,6 +35,7 @@ def metasgd(
     *,
     first_order: bool = False,
     has_aux: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """Meta-SGD (Li et al., 2017): ``fast = params - inner_lrs * grad``, ``inner_lrs`` learned.
 
@@ -42,8 +44,8 @@ def metasgd(
     reaches both the initialisation and the learning rates; learning rates may turn negative,
     as in the paper (a learned direction as well as a size).
 
-    Args as :func:`metajax.maml`; ``first_order`` stops the gradient through the inner
-    gradients (the learning rates still receive ``-grad * dL_query/dfast``).
+    Args (``task_map`` included) as :func:`metajax.maml`; ``first_order`` stops the gradient
+    through the inner gradients (the learning rates still receive ``-grad * dL_query/dfast``).
     """
     check_positive_number("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
@@ -64,5 +66,6 @@ def metasgd(
         return MetaSGDParams(params, lrs)
 
     return inner_loop_learner(
-        init, run_inner, loss_fn, inner_steps, has_aux, lambda meta_params: meta_params.params
+        init, run_inner, loss_fn, inner_steps, has_aux, lambda meta_params: meta_params.params,
+        task_map,
     )

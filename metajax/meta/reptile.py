@@ -15,6 +15,7 @@ from metajax.meta._common import (
     inner_loop_learner,
     loss_and_aux,
 )
+from metajax.task_map import TaskMap, check_task_map, mean_over_tasks
 from metajax.types import Learner, LossFn, PyTree, Task
 
 
@@ -24,6 +25,7 @@ def reptile(
     inner_steps: int = 5,
     *,
     has_aux: bool = False,
+    task_map: TaskMap = "auto",
 ) -> Learner:
     """Reptile (Nichol et al., 2018), batched version.
 
@@ -34,10 +36,12 @@ def reptile(
     the paper's few-shot experiments) treats it as a gradient. The reported ``meta_loss`` is
     the query loss at ``phi_i`` (not an objective Reptile differentiates).
 
-    Args as :func:`metajax.maml`.
+    Args as :func:`metajax.maml`; with ``task_map`` ``"scan"`` or chunks, the adapted
+    parameters are summed as they come instead of stacked for every task.
     """
     check_positive_number("inner_lr", inner_lr)
     check_steps("inner_steps", inner_steps)
+    check_task_map(task_map)
     objective = loss_and_aux(loss_fn, has_aux)
     rule = inner.sgd(inner_lr)
 
@@ -53,9 +57,10 @@ def reptile(
         return fast_params, metrics
 
     def meta_grad(meta_params: PyTree, tasks: Task):
-        fast_params, metrics = jax.vmap(one_task, in_axes=(None, 0))(meta_params, tasks)
-        grads = jax.tree.map(lambda p, f: p - jnp.mean(f, axis=0), meta_params, fast_params)
-        metrics = inner.task_axis_mean(metrics)
+        mean_fast, metrics = mean_over_tasks(lambda task: one_task(meta_params, task), tasks,
+                                             task_map)
+        grads = jax.tree.map(jnp.subtract, meta_params, mean_fast)
+        metrics = dict(metrics)
         metrics["meta_loss"] = metrics["query_loss"]
         return grads, metrics
 
