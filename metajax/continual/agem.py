@@ -121,7 +121,7 @@ def agem(
         projected = project_agem(g, g_ref)
         updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        memory = episodic_add(state.memory, *batch, task_id)
+        memory = episodic_add(state.memory, *batch, task_id, after=g_ref)
         metrics = {"loss": loss, "ref_loss": ref_loss, "projected": tree_vdot(g, g_ref) < 0}
         return AGEMState(params, opt_state, memory, key, state.step + 1), float_metrics(metrics)
 

@@ -104,7 +104,7 @@ def er(
         (loss, losses), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        memory = reservoir_add_batch(state.memory, add_key, *batch, task_id)
+        memory = reservoir_add_batch(state.memory, add_key, *batch, task_id, after=grads)
         metrics = {
             "loss": loss,
             "incoming_loss": jnp.mean(losses[:b]),

@@ -279,7 +279,7 @@ def lamaml(
         (params, alpha), (metas, inner_losses) = jax.lax.scan(
             glance, (state.params, state.alpha), jnp.stack(glance_keys)
         )
-        memory = reservoir_add_batch(state.memory, add_key, *batch, task_id)
+        memory = reservoir_add_batch(state.memory, add_key, *batch, task_id, after=metas)
         leaves = [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(alpha)]
         entries = sum(leaf.size for leaf in leaves)
         metrics = {

@@ -129,6 +129,23 @@ def _write(stored: PyTree, index, value: PyTree) -> PyTree:
     )
 
 
+def _after(index: jax.Array, after: PyTree | None) -> jax.Array:
+    """``index`` unchanged, but computed from ``after`` (values read from the memory earlier
+    in the same step), so that XLA orders the read before the write.
+
+    Without a data dependency from read to write, XLA may schedule the in-place write first
+    and then has to copy the whole memory, every step, to keep the read's operand intact
+    (an optimization barrier does not prevent it). ``x > inf`` is false for every float,
+    NaN included, and XLA cannot fold it, so the dependency costs one scalar comparison.
+    """
+    floats = [leaf for leaf in jax.tree.leaves(after)
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and jnp.size(leaf)]
+    if not floats:
+        return index
+    zero = (jnp.ravel(floats[0])[0].real > jnp.inf).astype(index.dtype)
+    return index + zero
+
+
 def _gather(stored: PyTree, index) -> PyTree:
     return jax.tree.map(lambda s: s[index], stored)
 
@@ -156,7 +173,8 @@ def reservoir_init(capacity: int, example_x: PyTree, example_y: PyTree) -> Reser
 
 
 def reservoir_add(
-    buffer: ReservoirBuffer, key: jax.Array, x: PyTree, y: PyTree, task_id
+    buffer: ReservoirBuffer, key: jax.Array, x: PyTree, y: PyTree, task_id, *,
+    after: PyTree | None = None,
 ) -> ReservoirBuffer:
     """Offer one stream example to the reservoir (Vitter's Algorithm R).
 
@@ -172,6 +190,9 @@ def reservoir_add(
       x: one input, shaped like ``example_x`` at init.
       y: one target, shaped like ``example_y`` at init.
       task_id: int scalar (may be traced), stored with the example.
+      after: optional values read from this memory earlier in the same step (a replay
+        sample, gradients on it): the write is made to follow them, so that inside a jitted
+        ``lax.scan`` XLA updates the memory in place instead of copying all of it per step.
 
     Returns:
       The new buffer; ``seen`` grows by one.
@@ -181,7 +202,7 @@ def reservoir_add(
     capacity = buffer.task.shape[0]
     j = jax.random.randint(key, (), 0, buffer.seen + 1, dtype=jnp.int32)
     # A slot >= capacity means "not kept"; the drop-mode write then leaves the buffer as is.
-    slot = jnp.where(buffer.seen < capacity, buffer.seen, j)
+    slot = _after(jnp.where(buffer.seen < capacity, buffer.seen, j), after)
     seen = buffer.seen + 1
     return ReservoirBuffer(
         x=_write(buffer.x, slot, x),
@@ -193,7 +214,8 @@ def reservoir_add(
 
 
 def reservoir_add_batch(
-    buffer: ReservoirBuffer, key: jax.Array, xs: PyTree, ys: PyTree, task_id
+    buffer: ReservoirBuffer, key: jax.Array, xs: PyTree, ys: PyTree, task_id, *,
+    after: PyTree | None = None,
 ) -> ReservoirBuffer:
     """Offer a batch of stream examples one after the other (a ``lax.scan`` of
     :func:`reservoir_add`), which is the same as offering them in a row.
@@ -204,6 +226,9 @@ def reservoir_add_batch(
       xs: inputs, each leaf ``[batch, *example_shape]``.
       ys: targets, each leaf ``[batch, *target_shape]``.
       task_id: an int scalar for the whole batch or an int ``[batch]`` array.
+      after: optional values read from this memory earlier in the same step (a replay
+        sample, gradients on it): the write is made to follow them, so that inside a jitted
+        ``lax.scan`` XLA updates the memory in place instead of copying all of it per step.
 
     Returns:
       The new buffer; ``seen`` grows by ``batch``.
@@ -225,7 +250,7 @@ def reservoir_add_batch(
 
     def add_one(buf, inputs):
         k, x, y, t = inputs
-        return reservoir_add(buf, k, x, y, t), None
+        return reservoir_add(buf, k, x, y, t, after=after), None
 
     buffer, _ = jax.lax.scan(add_one, buffer, (jax.random.split(key, batch), xs, ys, task_ids))
     return buffer
@@ -279,7 +304,9 @@ def episodic_init(
     )
 
 
-def episodic_add(memory: EpisodicMemory, x: PyTree, y: PyTree, task_id) -> EpisodicMemory:
+def episodic_add(
+    memory: EpisodicMemory, x: PyTree, y: PyTree, task_id, *, after: PyTree | None = None
+) -> EpisodicMemory:
     """Ring-write a batch into the slots of task ``task_id``.
 
     Example ``i`` of the batch goes to slot ``(count[task_id] + i) % per_task``, so each task
@@ -294,6 +321,9 @@ def episodic_add(memory: EpisodicMemory, x: PyTree, y: PyTree, task_id) -> Episo
       y: targets, each leaf ``[batch, *target_shape]``.
       task_id: int scalar in ``[0, num_tasks)``. A Python int out of range raises; a traced
         one out of range writes nothing.
+      after: optional values read from this memory earlier in the same step (a replay
+        sample, gradients on it): the write is made to follow them, so that inside a jitted
+        ``lax.scan`` XLA updates the memory in place instead of copying all of it per step.
 
     Returns:
       The new memory; ``count[task_id]`` grows by ``batch``.
@@ -319,7 +349,7 @@ def episodic_add(memory: EpisodicMemory, x: PyTree, y: PyTree, task_id) -> Episo
     in_range = (task_id >= 0) & (task_id < num_tasks)
     row = jnp.where(in_range, task_id, num_tasks)
     start = memory.count[jnp.clip(task_id, 0, num_tasks - 1)] + skipped
-    slots = (start + jnp.arange(batch - skipped, dtype=jnp.int32)) % per_task
+    slots = _after((start + jnp.arange(batch - skipped, dtype=jnp.int32)) % per_task, after)
     return EpisodicMemory(
         x=_write(memory.x, (row, slots), x),
         y=_write(memory.y, (row, slots), y),
@@ -366,7 +396,10 @@ def episodic_sample(
     total = ends[-1]
     flat = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
     # Draw k lies in task i when ends[i - 1] <= k < ends[i]; empty tasks own no draw.
-    task = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), num_tasks - 1)
+    # (a count of the ends at or below each draw: searchsorted's loop would make XLA copy
+    # the whole memory every step around a later write to it)
+    below = jnp.sum(ends[None, :] <= flat[:, None], axis=1, dtype=jnp.int32)
+    task = jnp.minimum(below, num_tasks - 1)
     slot = flat - (ends[task] - filled[task])
     return ReplaySample(
         x=_gather(memory.x, (task, slot)),

@@ -141,7 +141,7 @@ def mer(
 
         after, losses = jax.lax.scan(one_batch, params, batch_keys)
         params = _interpolate(params, after, gamma)
-        memory = reservoir_add(memory, add_key, x, y, task)
+        memory = reservoir_add(memory, add_key, x, y, task, after=losses)
         return (params, memory), losses[0]
 
     def update(state: MERState, batch: Batch, task_id):
