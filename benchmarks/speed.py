@@ -215,6 +215,9 @@ def run_stream(args) -> dict:
     example = (jax.ShapeDtypeStruct((784,), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
     state = learner.init(init(jax.random.PRNGKey(args.seed)), jax.random.PRNGKey(1), example,
                          tasks)
+    # Own buffers for every leaf: a state may hold one array twice (La-MAML's rates start as
+    # one array), and a donated argument may not hold the same buffer twice.
+    state = jax.tree.map(lambda leaf: jnp.array(leaf, copy=True), state)
     xs_all = jnp.asarray(stream.train_x[:, : steps * batch].reshape(tasks, steps, batch, 784))
     ys_all = jnp.asarray(stream.train_y[:, : steps * batch].reshape(tasks, steps, batch))
 
