@@ -191,8 +191,8 @@ def map_tasks(fn: Callable[[Any], Any], tasks: Any, task_map: TaskMap = "auto") 
     """``fn`` applied to every task, outputs stacked on a leading task axis.
 
     ``"vmap"`` maps the whole axis at once, ``"scan"`` one task at a time (``lax.map``), a chunk
-    size ``k`` in vmapped chunks of ``k`` (``lax.map(..., batch_size=k)``). For evaluation:
-    adapting many tasks without holding all of their fast weights at once.
+    size ``k`` in vmapped chunks of ``k`` scanned over (the last partial chunk vmapped). For
+    evaluation: adapting many tasks without holding all of their fast weights at once.
     """
     task_map = resolve_task_map(task_map)
     num_tasks = _num_tasks(tasks)
@@ -201,4 +201,11 @@ def map_tasks(fn: Callable[[Any], Any], tasks: Any, task_map: TaskMap = "auto") 
         return jax.vmap(fn)(tasks)
     if size == 1:
         return jax.lax.map(fn, tasks)
-    return jax.lax.map(fn, tasks, batch_size=size)
+    # Chunks reshaped with explicit sizes (lax.map's batch_size infers one with -1, which
+    # fails on zero-size leaves), a scan over the vmapped chunks, a vmap over the rest.
+    n, body, rest = _split(tasks, size, num_tasks)
+    _, out = jax.lax.scan(lambda carry, chunk: (carry, jax.vmap(fn)(chunk)), None, body)
+    out = jax.tree.map(lambda x: x.reshape(n * size, *x.shape[2:]), out)
+    if rest is not None:
+        out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, jax.vmap(fn)(rest))
+    return out

@@ -96,6 +96,19 @@ def test_seeds_run_batched_and_each_equals_its_own_run():
     assert not np.array_equal(batched["acc_matrix"][0], batched["acc_matrix"][1])
 
 
+@pytest.mark.parametrize("seed_map", ["scan", 2])
+def test_seed_map_scan_or_chunks_equals_vmap(seed_map):
+    cl = er(LOSS, optax.sgd(0.1), memory_size=20, replay_batch=5)
+    kwargs = dict(params=mlp_init(3), apply_fn=apply_fn, batch_size=10, seeds=[0, 1, 2])
+    vmapped = run(cl, SMALL, KEY, **kwargs)
+    mapped = run(cl, SMALL, KEY, seed_map=seed_map, **kwargs)
+    np.testing.assert_allclose(mapped["acc_matrix"], vmapped["acc_matrix"], atol=1 / 50)
+    np.testing.assert_allclose(mapped["train_metrics"]["loss"],
+                               vmapped["train_metrics"]["loss"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="task_map"):
+        run(cl, SMALL, KEY, seed_map="pmap", **kwargs)
+
+
 def test_task_aware_stream_masks_evaluation_to_each_task_classes():
     stream = conflicting_stream(num_tasks=2, n_train=40, n_test=50, class_mask=True)
     # A model that always prefers class 0 by far, and is indifferent among the others.

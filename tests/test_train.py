@@ -11,7 +11,7 @@ from metajax.data import sinusoid
 from metajax.presets import get_preset
 from metajax.presets.build import build_learner, build_optimizer, build_problem
 from metajax.train.checkpoint import load_params, save_params
-from metajax.train.loop import make_train_chunk, mean_ci95
+from metajax.train.loop import make_evaluator, make_train_chunk, mean_ci95
 
 
 def test_sinusoid_tasks_ranges_and_shapes():
@@ -67,6 +67,22 @@ def test_chunking_does_not_change_the_result():
     two, _, m2 = chunk(params, state, key, jnp.int32(2), 4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, two)
     np.testing.assert_allclose(m1["meta_loss"][2:], m2["meta_loss"], rtol=1e-5)
+
+
+def test_evaluator_task_map_does_not_change_the_values():
+    config = get_preset("sinusoid-maml")
+    problem = build_problem(config)
+    learner = build_learner(config, problem)
+    params = learner.init(problem.init_params(jax.random.PRNGKey(0)))
+    key = jax.random.PRNGKey(1)
+    values = {
+        tm: np.asarray(make_evaluator(learner, problem, task_map=tm)(
+            params, key, 7, 5, 10, 2, "test"))
+        for tm in ("vmap", "scan", 3, None)
+    }
+    assert values["vmap"].shape == (7,) and np.ptp(values["vmap"]) > 0
+    for tm, got in values.items():
+        np.testing.assert_allclose(got, values["vmap"], rtol=1e-5, atol=1e-6, err_msg=str(tm))
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path):

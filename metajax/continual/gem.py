@@ -64,10 +64,10 @@ def gem(
     2. ``g``: gradient of the incoming batch's mean loss;
     3. ``G [num_tasks, ...]``: row ``k`` the gradient of the mean loss over every stored
        example of task ``k`` (the whole ``M_k``, not a sample), for ``k < t``. Rows are
-       computed for all tasks at once (``vmap`` over the memory's task axis) and the rows of
-       tasks ``>= t`` and empty slots get weight 0, so those rows are exactly zero, which
-       :func:`project_gem` treats as no constraint. This keeps one compiled update for every
-       task at the price of computing the masked rows too;
+       computed task by task (``lax.map`` over the memory's task axis); the rows of tasks
+       ``>= t`` are zeros without a gradient being taken (``lax.cond``), and empty slots get
+       weight 0, so :func:`project_gem` sees no constraint from them. One compiled update
+       serves every task, and it costs the gradients of the past tasks only;
     4. ``g~ = project_gem(g, G, margin=memory_strength)``: the closest update with
        ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
     5. one optimiser step on ``g~`` (plain SGD in the paper).
@@ -105,15 +105,20 @@ def gem(
         def incoming(params):
             return jnp.mean(example_losses(loss_fn, params, batch, task))
 
-        def memory_grad(x, y, w, k):
+        def memory_grad(inputs):
+            x, y, w, k = inputs
+
             def past_loss(params):
                 losses = example_losses(loss_fn, params, (x, y), task_vector(k, w.shape[0]))
                 return weighted_mean(losses, w)
 
-            return jax.grad(past_loss)(state.params)
+            # Only past tasks constrain the step: the others' rows of G are zero, so their
+            # gradients are skipped (a real branch; under a vmap over seeds, a select).
+            return jax.lax.cond(k < task_id, jax.grad(past_loss),
+                                lambda p: jax.tree.map(jnp.zeros_like, p), state.params)
 
         loss, g = jax.value_and_grad(incoming)(state.params)
-        G = jax.vmap(memory_grad)(memory.x, memory.y, weights, tasks)
+        G = jax.lax.map(memory_grad, (memory.x, memory.y, weights, tasks))
         dots = sum(
             jnp.tensordot(Gl.reshape(num_tasks, -1), gl.reshape(-1), axes=1, precision="highest")
             for Gl, gl in zip(jax.tree.leaves(G), jax.tree.leaves(g), strict=True)

@@ -20,6 +20,7 @@ import numpy as np
 from metajax.continual.learners import ContinualLearner, check_int
 from metajax.continual.metrics import metrics as summarize
 from metajax.continual.stream import Stream
+from metajax.task_map import check_task_map, map_tasks
 from metajax.types import PyTree
 
 
@@ -50,6 +51,7 @@ def run(
     lca_batches: int = 0,
     seeds: Sequence[int] | None = None,
     on_task: Callable[[int, np.ndarray], None] | None = None,
+    seed_map: Any = "vmap",
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task; return ``R [T, T]`` and its metrics.
 
@@ -85,6 +87,10 @@ def run(
       epochs: passes over each task's training rows.
       lca_batches: ``beta`` of LCA; 0 skips it. At most the mini-batches of one pass.
       seeds: optional ints; several runs at once, batched with ``vmap``.
+      seed_map: how the seeds are executed: ``"vmap"`` (all at once, the default), ``"scan"``
+        (one after the other inside the same compiled call: memory of one seed) or a chunk
+        size (vmapped chunks, scanned); :func:`metajax.task_map.map_tasks`. Results are the
+        same up to float rounding.
       on_task: optional ``on_task(t, row)`` called on the host after task ``t`` is trained,
         with ``row`` the accuracies on every task (``[T]``, or ``[len(seeds), T]``): for
         progress and for saving partial results as they arrive.
@@ -183,8 +189,16 @@ def run(
     else:
         keys = jnp.stack([jax.random.fold_in(key, s) for s in seeds])
         state, train_key = jax.vmap(start)(keys)
-        init_eval = jax.jit(jax.vmap(evaluate_all, in_axes=(0, None)))
-        train = jax.jit(jax.vmap(train_task, in_axes=(0, None, None, 0)))
+        check_task_map(seed_map)
+
+        def init_eval(params, data):
+            return map_tasks(lambda p: evaluate_all(p, data), params, seed_map)
+
+        def train(state, data, task, keys):
+            return map_tasks(lambda sk: train_task(sk[0], data, task, sk[1]), (state, keys),
+                             seed_map)
+
+        init_eval, train = jax.jit(init_eval), jax.jit(train)
         task_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     random_init_acc = init_eval(state.params, data)

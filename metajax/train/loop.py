@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metajax.task_map import map_tasks
 from metajax.train.checkpoint import save_params
 from metajax.train.config import Config
 from metajax.train.logging import append_jsonl, progress_bar
@@ -64,12 +65,15 @@ def make_train_chunk(
     return chunk
 
 
-def make_evaluator(learner: Learner, problem, batch_tasks: int = 20) -> Callable:
+def make_evaluator(learner: Learner, problem, batch_tasks: int = 20,
+                   task_map=None) -> Callable:
     """A jitted ``evaluate(meta_params, key, num_tasks, shots, queries, inner_steps, split)``.
 
     Each of ``num_tasks`` tasks (drawn with ``fold_in(key, i)``) is adapted on its support set
     with ``inner_steps`` steps and measured by ``problem.metric_fn`` on its query set; tasks
-    run in vmapped batches of ``batch_tasks`` to bound memory. Returns the per-task values
+    run in vmapped batches of ``batch_tasks`` to bound memory, or as ``task_map`` says
+    (``"vmap"``, ``"scan"``, a chunk size: :func:`metajax.task_map.map_tasks`) when given.
+    Returns the per-task values
     ``[num_tasks]``.
     """
 
@@ -85,7 +89,7 @@ def make_evaluator(learner: Learner, problem, batch_tasks: int = 20) -> Callable
             return problem.metric_fn(fast_params, task.query)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
-        return jax.lax.map(one_task, keys, batch_size=min(num_tasks, batch_tasks))
+        return map_tasks(one_task, keys, batch_tasks if task_map is None else task_map)
 
     return evaluate
 
