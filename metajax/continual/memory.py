@@ -396,10 +396,7 @@ def episodic_sample(
     total = ends[-1]
     flat = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
     # Draw k lies in task i when ends[i - 1] <= k < ends[i]; empty tasks own no draw.
-    # (a count of the ends at or below each draw: searchsorted's loop would make XLA copy
-    # the whole memory every step around a later write to it)
-    below = jnp.sum(ends[None, :] <= flat[:, None], axis=1, dtype=jnp.int32)
-    task = jnp.minimum(below, num_tasks - 1)
+    task = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), num_tasks - 1)
     slot = flat - (ends[task] - filled[task])
     return ReplaySample(
         x=_gather(memory.x, (task, slot)),
