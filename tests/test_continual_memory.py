@@ -156,18 +156,31 @@ def test_reservoir_appends_in_order_until_full_and_counts():
     assert buffer.x.dtype == jnp.float32 and buffer.task.dtype == jnp.int32
 
 
-def test_reservoir_add_batch_is_sequential_add_with_split_keys():
+@pytest.mark.parametrize("seed", range(4))
+def test_reservoir_add_batch_is_sequential_add_with_split_keys(seed):
+    # Capacity 4 and 11 + 9 offers: several draws of one batch land on the same slot, and the
+    # batched scatter must keep the last of them, as the sequential adds do.
     buffer = reservoir_init(4, jnp.zeros((3,)), jnp.int32(0))
-    xs = jax.random.normal(jax.random.key(0), (11, 3))
-    ys = jnp.arange(11)
-    key = jax.random.key(5)
-    batched = reservoir_add_batch(buffer, key, xs, ys, 2)
-    sequential = buffer
+    batched = sequential = buffer
     add = jax.jit(reservoir_add)
-    for k, x, y in zip(jax.random.split(key, 11), xs, ys, strict=True):
-        sequential = add(sequential, k, x, y, 2)
-    for a, b in zip(batched, sequential, strict=True):
-        np.testing.assert_array_equal(a, b)
+    collided = False
+    for part, size in enumerate((11, 9)):
+        key = jax.random.fold_in(jax.random.key(seed), part)
+        xs = jax.random.normal(jax.random.fold_in(key, 99), (size, 3))
+        ys = jnp.arange(size) + 100 * part
+        tasks = jnp.arange(size) % 3
+        batched = reservoir_add_batch(batched, key, xs, ys, tasks)
+        slots = []
+        for k, x, y, t in zip(jax.random.split(key, size), xs, ys, tasks, strict=True):
+            n = int(sequential.seen)
+            j = int(jax.random.randint(k, (), 0, n + 1, dtype=jnp.int32))
+            slots.append(n if n < 4 else j)
+            sequential = add(sequential, k, x, y, t)
+        kept = [s for s in slots if s < 4]
+        collided |= len(kept) != len(set(kept))
+        for a, b in zip(batched, sequential, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert collided
 
 
 def test_reservoir_shapes_are_fixed_under_jit():

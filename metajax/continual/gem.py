@@ -64,10 +64,10 @@ def gem(
     2. ``g``: gradient of the incoming batch's mean loss;
     3. ``G [num_tasks, ...]``: row ``k`` the gradient of the mean loss over every stored
        example of task ``k`` (the whole ``M_k``, not a sample), for ``k < t``. Rows are
-       computed task by task (``lax.map`` over the memory's task axis); the rows of tasks
-       ``>= t`` are zeros without a gradient being taken (``lax.cond``), and empty slots get
-       weight 0, so :func:`project_gem` sees no constraint from them. One compiled update
-       serves every task, and it costs the gradients of the past tasks only;
+       computed task by task (a ``fori_loop`` of ``t`` steps); the rows of tasks ``>= t``
+       stay zero without a gradient being taken, and empty slots get weight 0, so
+       :func:`project_gem` sees no constraint from them. One compiled update serves every
+       task, and it costs the gradients of the past tasks only;
     4. ``g~ = project_gem(g, G, margin=memory_strength)``: the closest update with
        ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
     5. one optimiser step on ``g~`` (plain SGD in the paper).
@@ -105,20 +105,22 @@ def gem(
         def incoming(params):
             return jnp.mean(example_losses(loss_fn, params, batch, task))
 
-        def memory_grad(inputs):
-            x, y, w, k = inputs
+        def past_grad(k, G):
+            x, y = jax.tree.map(lambda leaf: leaf[k], (memory.x, memory.y))
+            w = weights[k]
 
             def past_loss(params):
                 losses = example_losses(loss_fn, params, (x, y), task_vector(k, w.shape[0]))
                 return weighted_mean(losses, w)
 
-            # Only past tasks constrain the step: the others' rows of G are zero, so their
-            # gradients are skipped (a real branch; under a vmap over seeds, a select).
-            return jax.lax.cond(k < task_id, jax.grad(past_loss),
-                                lambda p: jax.tree.map(jnp.zeros_like, p), state.params)
+            return jax.tree.map(lambda rows, row: rows.at[k].set(row), G,
+                                jax.grad(past_loss)(state.params))
 
         loss, g = jax.value_and_grad(incoming)(state.params)
-        G = jax.lax.map(memory_grad, (memory.x, memory.y, weights, tasks))
+        # Only past tasks constrain the step: the rows of G for tasks >= task_id stay zero and
+        # their gradients are never taken (the loop runs task_id times).
+        zeros = jax.tree.map(lambda p: jnp.zeros((num_tasks, *p.shape), p.dtype), state.params)
+        G = jax.lax.fori_loop(0, jnp.clip(task_id, 0, num_tasks), past_grad, zeros)
         dots = sum(
             jnp.tensordot(Gl.reshape(num_tasks, -1), gl.reshape(-1), axes=1, precision="highest")
             for Gl, gl in zip(jax.tree.leaves(G), jax.tree.leaves(g), strict=True)

@@ -217,8 +217,9 @@ def reservoir_add_batch(
     buffer: ReservoirBuffer, key: jax.Array, xs: PyTree, ys: PyTree, task_id, *,
     after: PyTree | None = None,
 ) -> ReservoirBuffer:
-    """Offer a batch of stream examples one after the other (a ``lax.scan`` of
-    :func:`reservoir_add`), which is the same as offering them in a row.
+    """Offer a batch of stream examples: the same result, draw for draw, as offering them
+    one after the other with :func:`reservoir_add` and ``jax.random.split(key, batch)``,
+    computed as one scatter (an example overwritten by a later one of the batch is dropped).
 
     Args:
       buffer: the current :class:`ReservoirBuffer`.
@@ -247,13 +248,28 @@ def reservoir_add_batch(
             f"task_id must be a scalar or a [batch={batch}] array, got shape {task_ids.shape}"
         )
     task_ids = jnp.broadcast_to(task_ids, (batch,))
-
-    def add_one(buf, inputs):
-        k, x, y, t = inputs
-        return reservoir_add(buf, k, x, y, t, after=after), None
-
-    buffer, _ = jax.lax.scan(add_one, buffer, (jax.random.split(key, batch), xs, ys, task_ids))
-    return buffer
+    capacity = buffer.task.shape[0]
+    # All slots at once, with the draws the sequential adds would make: example i is offered
+    # after n_i = seen + i others and draws j_i ~ U{0..n_i} from its own split key.
+    offered = buffer.seen + jnp.arange(batch, dtype=jnp.int32)
+    draws = jax.vmap(lambda k, n: jax.random.randint(k, (), 0, n + 1, dtype=jnp.int32))(
+        jax.random.split(key, batch), offered
+    )
+    slots = jnp.where(offered < capacity, offered, draws)
+    # In a row of adds a later example landing on the same slot overwrites an earlier one;
+    # drop the earlier writes so the scatter has no duplicate slots and no order to depend on.
+    order = jnp.arange(batch)
+    overwritten = jnp.any((slots[:, None] == slots[None, :]) & (order[None, :] > order[:, None]),
+                          axis=1)
+    slots = _after(jnp.where(overwritten, capacity, slots), after)
+    seen = buffer.seen + batch
+    return ReservoirBuffer(
+        x=_write(buffer.x, slots, xs),
+        y=_write(buffer.y, slots, ys),
+        task=buffer.task.at[slots].set(task_ids, mode="drop"),
+        seen=seen,
+        size=jnp.minimum(seen, capacity).astype(jnp.int32),
+    )
 
 
 def buffer_sample(buffer: ReservoirBuffer, key: jax.Array, batch_size: int) -> ReplaySample:
