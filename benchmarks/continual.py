@@ -3,7 +3,7 @@
     python benchmarks/continual.py --presets rot-mnist-er rot-mnist-lamaml --seeds 5 \\
         --out runs/bench-continual --jsonl benchmarks/results/continual.jsonl
 
-Every preset runs through :func:`metajax.continual.experiment.run_experiment` (its run
+Every preset runs through :func:`metajax.presets.build_continual.run_experiment` (its run
 directory under ``--out``) and appends one JSON line (preset, settings, metrics with their
 standard deviations over seeds, wall time, machine) to ``--jsonl``. A preset already in the
 file with the same resolved configuration is not run again, so an interrupted table resumes.
@@ -23,7 +23,7 @@ from pathlib import Path
 from _results import append_line, read_lines
 from _results import machine as current_machine
 
-from metajax.continual.experiment import run_experiment
+from metajax.presets.build_continual import run_experiment
 from metajax.presets.continual import CONTINUAL_PRESETS, get_continual_preset
 
 

@@ -38,7 +38,7 @@ from _results import append_line, read_lines
 from _results import machine as current_machine
 
 from metajax.presets import get_preset
-from metajax.train.config import Config
+from metajax.presets.config import Config
 
 ABLATIONS = {
     "msl": ["msl=false"],

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from metajax import inner
 from metajax.meta.imaml import INNER_SOLVERS, backtracking_descent
 from metajax.presets.build import build_problem
+from metajax.presets.config import Config
 from metajax.train.checkpoint import load_params
-from metajax.train.config import Config
 
 
 def tree_norm(tree) -> jax.Array:

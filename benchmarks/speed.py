@@ -193,7 +193,7 @@ def stream_config(name: str, tasks: int | None):
 
 
 def synthetic_stream(tasks: int, rows: int, seed: int = 0):
-    from metajax.continual.stream import Stream
+    from metajax.types import Stream
 
     rng = np.random.default_rng(seed)
     base = rng.random((rows, 784), dtype=np.float32)
@@ -203,12 +203,12 @@ def synthetic_stream(tasks: int, rows: int, seed: int = 0):
 
 
 def run_stream(args) -> dict:
-    from metajax.continual.experiment import build_learner as build_cl
-    from metajax.continual.experiment import build_model
+    from metajax.presets.build_continual import build_continual_learner as build_cl
+    from metajax.presets.build_continual import build_continual_model
 
     config, tasks = stream_config(args.bench, args.tasks)
     stream = synthetic_stream(tasks, args.rows, args.seed)
-    init, apply_fn = build_model(config, stream)
+    init, apply_fn = build_continual_model(config, stream)
     learner = build_cl(config, stream, apply_fn)
     batch = 10
     steps = args.rows // batch

@@ -24,7 +24,7 @@ from metajax.meta import (
     norm_mask,
     reptile,
 )
-from metajax.types import Batch, Learner, LossFn, PyTree, Task
+from metajax.types import Batch, Learner, LossFn, Problem, PyTree, Stream, Task
 
 __version__ = "0.1.0"
 
@@ -37,7 +37,9 @@ __all__ = [
     "Learner",
     "LossFn",
     "MetaSGDParams",
+    "Problem",
     "PyTree",
+    "Stream",
     "Task",
     "anil",
     "backtracking_descent",

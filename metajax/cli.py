@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from metajax.presets import PRESETS, get_preset
-from metajax.train.config import Config, ConfigError
+from metajax.presets.config import Config
+from metajax.train.config import ConfigError
 
 USAGE_ERROR = 2
 
@@ -146,12 +147,7 @@ def _train_config(args) -> tuple[Config, Path]:
 
 def _cmd_train(args) -> int:
     config, run_dir = _train_config(args)
-    from metajax.presets.build import (
-        build_learner,
-        build_meta_grad_schedule,
-        build_optimizer,
-        build_problem,
-    )
+    from metajax.presets.build import build_learner, build_optimizer, build_problem
     from metajax.train.loop import train
 
     problem = build_problem(config)
@@ -159,8 +155,7 @@ def _cmd_train(args) -> int:
     print(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
           f"{config.steps} meta-steps -> {run_dir}", file=sys.stderr)
     summary = train(config, problem, learner, build_optimizer(config), run_dir,
-                    progress=not args.no_progress,
-                    meta_grad_schedule=build_meta_grad_schedule(config))
+                    progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 
@@ -216,7 +211,7 @@ def _cmd_continual(args) -> int:
     if (run_dir / "metrics.json").exists():
         raise ConfigError(f"--out {run_dir} already holds a finished run; choose another")
 
-    from metajax.continual.experiment import run_experiment
+    from metajax.presets.build_continual import run_experiment
 
     summary = run_experiment(
         config, run_dir, progress=not args.no_progress,

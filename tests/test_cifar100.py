@@ -24,8 +24,7 @@ from metajax.data.cifar100 import (
     MD5MismatchError,
     load_cifar100,
 )
-from metajax.data.miniimagenet import ForbiddenPickleError
-from metajax.data.sources import ChecksumError, DataNotFoundError
+from metajax.data.sources import ChecksumError, DataNotFoundError, ForbiddenPickleError
 
 N_TRAIN, N_TEST = 100, 20
 

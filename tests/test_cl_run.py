@@ -10,7 +10,7 @@ import pytest
 from metajax.continual.er import er
 from metajax.continual.learners import cross_entropy_loss, finetune
 from metajax.continual.run import run
-from metajax.continual.stream import Stream
+from metajax.types import Stream
 
 CLASSES, FEATURES, HIDDEN = 3, 8, 32
 
@@ -145,3 +145,23 @@ def test_replay_retains_the_first_task_better_than_finetuning():
     assert plain["acc_matrix"][1, 0] < 0.3
     assert replay["acc_matrix"][1, 0] > plain["acc_matrix"][1, 0] + 0.1
     assert replay["bwt"] > plain["bwt"]
+
+
+def test_end_task_runs_after_each_task_with_its_id():
+    """A learner's ``end_task`` hook sees the finished task's id: here it zeroes the weights
+    after task 1 only, so row 1 of R is the accuracy of all-zero logits (class 0 everywhere)
+    while row 0 is the plain learner's."""
+    plain = finetune(LOSS, optax.sgd(0.1))
+
+    def end_task(state, task):
+        keep = jnp.where(task == 1, 0.0, 1.0)
+        return state._replace(params=jax.tree.map(lambda p: p * keep, state.params))
+
+    hooked = plain._replace(end_task=end_task)
+    kwargs = dict(params=mlp_init(3), apply_fn=apply_fn, batch_size=10)
+    reference = run(plain, SMALL, KEY, **kwargs)["acc_matrix"]
+    R = run(hooked, SMALL, KEY, **kwargs)["acc_matrix"]
+    class_zero = (SMALL.test_y == 0).mean(axis=1)
+    np.testing.assert_array_equal(R[0], reference[0])
+    np.testing.assert_allclose(R[1], class_zero, atol=1e-6)
+    assert not np.allclose(reference[1], class_zero)

@@ -14,10 +14,10 @@ from metajax.continual.agem import agem
 from metajax.continual.er import er
 from metajax.continual.learners import cross_entropy_loss
 from metajax.continual.run import run
-from metajax.continual.stream import Stream
 from metajax.nn.conv4 import conv4_omniglot
 from metajax.nn.mlp import MLP
 from metajax.train.loop import make_train_chunk
+from metajax.types import Stream
 
 
 class CompileCounter:

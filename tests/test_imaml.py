@@ -92,6 +92,33 @@ def test_imaml_damped_backward_matches_closed_form(x64):
     assert float(jnp.linalg.norm(expected - exact)) > 0.1 * float(jnp.linalg.norm(exact))
 
 
+@pytest.mark.parametrize("damping", [0.0, 1.0])
+def test_imaml_linear_solve_replaces_conjugate_gradient(x64, damping):
+    """A user solver (GMRES here) receives the damped system and gives the closed-form
+    meta-gradient; a solver that returns its right-hand side shows it is the one used."""
+    lam, extra = 2.0, 10.0 if damping else 0.0
+    task = quadratic_task(jax.random.PRNGKey(11))
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    tasks = jax.tree.map(lambda x: x[None], task)
+
+    def gmres(matvec, b):
+        return jax.scipy.sparse.linalg.gmres(matvec, b, tol=1e-13, atol=0.0, restart=6,
+                                             maxiter=4)[0]
+
+    learner = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=1,
+                       cg_damping=damping, lam_damping=extra, linear_solve=gmres)
+    grads, _ = learner.meta_grad({"phi": theta}, tasks)
+    phi_star, _ = closed_form(theta, task, lam)
+    a, _ = task.support
+    system = (1 + damping) * jnp.eye(6) + a / (lam + extra)
+    expected = jnp.linalg.solve(system, phi_star - task.query[1])
+    np.testing.assert_allclose(grads["phi"], expected, rtol=1e-8, atol=1e-10)
+    identity = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam,
+                        linear_solve=lambda matvec, b: b)
+    grads, _ = identity.meta_grad({"phi": theta}, tasks)
+    np.testing.assert_allclose(grads["phi"], phi_star - task.query[1], rtol=1e-8, atol=1e-10)
+
+
 def test_imaml_reports_whether_the_inner_solve_converged(x64):
     """inner_residual: ~0 at the proximal solution, large when gradient descent diverges
     (step above 2 / (lam + top eigenvalue)), in between when stopped early."""

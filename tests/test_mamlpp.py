@@ -82,6 +82,38 @@ def test_derivative_order_switch_without_recompiling(x64):
     assert "stablehlo.case" in hlo or "stablehlo.if" in hlo
 
 
+def test_schedules_given_at_construction_follow_the_meta_step(x64):
+    """``step_weights`` and ``first_order`` as schedules of the meta-step, evaluated at the
+    ``step`` meta_grad receives, equal passing their values per call."""
+    params = mlp_params(jax.random.PRNGKey(6))
+    tasks = regression_tasks(jax.random.PRNGKey(7), tasks=3, n=5)
+
+    def weights_at(step):
+        return mj.msl_weights(3, step // 10, 4)
+
+    def first_order_at(step):
+        return (step < 10).astype(jnp.float32)
+
+    scheduled = mj.mamlpp(mlp_loss, 0.1, 3, step_weights=weights_at, first_order=first_order_at)
+    plain = mj.mamlpp(mlp_loss, 0.1, 3)
+    meta_params = scheduled.init(params)
+    step = jax.jit(lambda mp, t, s: scheduled.meta_grad(mp, t, step=s)[0])
+    for s in (0, 25):
+        expected, _ = plain.meta_grad(meta_params, tasks, step_weights=weights_at(s),
+                                      first_order=bool(s < 10))
+        chex.assert_trees_all_close(step(meta_params, tasks, jnp.int32(s)), expected,
+                                    rtol=1e-10)
+    assert step._cache_size() == 1
+    with pytest.raises(ValueError, match="step=step"):
+        scheduled.meta_grad(meta_params, tasks)
+    # Every learner takes the step, and those without schedules ignore it.
+    for learner in (mj.maml(mlp_loss, 0.1, 1), mj.reptile(mlp_loss, 0.1, 1),
+                    mj.imaml(mlp_loss, 0.1, 2)):
+        with_step, _ = learner.meta_grad(learner.init(params), tasks, step=jnp.int32(3))
+        without, _ = learner.meta_grad(learner.init(params), tasks)
+        chex.assert_trees_all_close(with_step, without)
+
+
 def test_msl_weights_schedule():
     start = np.asarray(mj.msl_weights(5, 0, 10))
     np.testing.assert_allclose(start, np.full(5, 0.2), rtol=1e-6)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from metajax.data import miniimagenet as mi
+from metajax.data import sources
 
 PER_CLASS = 6
 WNIDS = {
@@ -395,7 +396,7 @@ def test_corrupt_cache_is_ignored_and_rebuilt(tmp_path):
 
 
 def _restricted_loads(data: bytes):
-    return mi.restricted_pickle_load(io.BytesIO(data))
+    return sources.restricted_pickle_load(io.BytesIO(data))
 
 
 SAMPLE_ARRAYS = [
@@ -467,7 +468,7 @@ def test_python2_numpy1_style_pickle_loads():
 
 @pytest.mark.parametrize("core", ["numpy.core", "numpy._core"])
 def test_find_class_knows_numpy1_and_numpy2_names(core):
-    unpickler = mi._RestrictedUnpickler(io.BytesIO(b""))
+    unpickler = sources._RestrictedUnpickler(io.BytesIO(b""))
     for module, name in [
         (f"{core}.multiarray", "_reconstruct"),
         (f"{core}.multiarray", "scalar"),
@@ -549,7 +550,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, protocol, kind):
         "numpy.save": "numpy.save",
     }[kind]
     SENTINEL_FLAG.clear()
-    with pytest.raises(mi.ForbiddenPickleError, match="forbidden global") as info:
+    with pytest.raises(sources.ForbiddenPickleError, match="forbidden global") as info:
         _restricted_loads(raw)
     assert forbidden in str(info.value)
     assert not sentinel.exists() and not (tmp_path / "pwned.npy").exists()
@@ -559,7 +560,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, protocol, kind):
     root = tmp_path / "miniimagenet"
     root.mkdir()
     (root / "mini-imagenet-cache-test.pkl").write_bytes(raw)
-    with pytest.raises(mi.ForbiddenPickleError, match="mini-imagenet-cache-test.pkl"):
+    with pytest.raises(sources.ForbiddenPickleError, match="mini-imagenet-cache-test.pkl"):
         _load(tmp_path, source="pickle", splits=("test",))
     assert not sentinel.exists() and SENTINEL_FLAG == []
 
@@ -567,19 +568,19 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, protocol, kind):
 def test_unsafe_arguments_to_allowed_globals_are_refused():
     # _codecs.encode with another codec, and bytes(n) (an allocation of attacker-chosen size).
     bad_codec = b"c_codecs\nencode\n(Vabc\nVrot13\ntR."
-    with pytest.raises(mi.ForbiddenPickleError, match="only 'latin1'"):
+    with pytest.raises(sources.ForbiddenPickleError, match="only 'latin1'"):
         _restricted_loads(bad_codec)
     big_bytes = b"c__builtin__\nbytes\n(I1000000000000\ntR."
-    with pytest.raises(mi.ForbiddenPickleError, match="only bytes"):
+    with pytest.raises(sources.ForbiddenPickleError, match="only bytes"):
         _restricted_loads(big_bytes)
     # _reconstruct of something other than ndarray (here: dtype, itself allowed).
     bad_subtype = b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\ndtype\n(I0\ntVb\ntR."
-    with pytest.raises(mi.ForbiddenPickleError, match="only plain numpy.ndarray"):
+    with pytest.raises(sources.ForbiddenPickleError, match="only plain numpy.ndarray"):
         _restricted_loads(bad_subtype)
 
 
 def test_persistent_ids_are_refused():
-    with pytest.raises(mi.ForbiddenPickleError, match="persistent id"):
+    with pytest.raises(sources.ForbiddenPickleError, match="persistent id"):
         _restricted_loads(b"Pabc\n.")
 
 

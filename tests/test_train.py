@@ -109,18 +109,19 @@ def test_mean_ci95():
 
 
 def test_mamlpp_schedule_follows_epochs():
-    from metajax.presets.build import build_meta_grad_schedule
+    from metajax.presets.build import mamlpp_schedules
 
     config = dataclasses.replace(get_preset("omniglot-20w1s-mamlpp"), iters_per_epoch=10,
                                  first_order_epochs=2, msl_anneal_epochs=4)
-    schedule = jax.jit(build_meta_grad_schedule(config))
-    assert float(schedule(jnp.int32(0))["first_order"]) == 1.0
-    assert float(schedule(jnp.int32(19))["first_order"]) == 1.0
-    assert float(schedule(jnp.int32(20))["first_order"]) == 0.0
-    start, later = schedule(jnp.int32(0))["step_weights"], schedule(jnp.int32(30))["step_weights"]
+    schedules = mamlpp_schedules(config)
+    first_order = jax.jit(schedules["first_order"])
+    weights = jax.jit(schedules["step_weights"])
+    assert float(first_order(jnp.int32(0))) == 1.0
+    assert float(first_order(jnp.int32(19))) == 1.0
+    assert float(first_order(jnp.int32(20))) == 0.0
+    start, later = weights(jnp.int32(0)), weights(jnp.int32(30))
     np.testing.assert_allclose(start, np.full(5, 0.2), rtol=1e-6)
     assert later[-1] > start[-1] and later[0] < start[0]
-    assert build_meta_grad_schedule(get_preset("sinusoid-maml")) is None
 
 
 @pytest.mark.parametrize(
@@ -134,14 +135,13 @@ def test_mamlpp_schedule_follows_epochs():
     ],
 )
 def test_other_algorithms_train_through_the_loop(tmp_path, preset, overrides):
-    from metajax.presets.build import build_meta_grad_schedule
     from metajax.train.loop import train
 
     config = dataclasses.replace(get_preset(preset), steps=20, log_every=10, eval_every=0,
                                  eval_tasks=4, meta_batch_size=4, **overrides).validate()
     problem = build_problem(config)
     summary = train(config, problem, build_learner(config, problem), build_optimizer(config),
-                    tmp_path, progress=False, meta_grad_schedule=build_meta_grad_schedule(config))
+                    tmp_path, progress=False)
     assert summary["step"] == 20 and np.isfinite(summary["meta_loss"])
     assert np.isfinite(summary["val_mse"])
 

@@ -12,7 +12,12 @@ Projections keep an update from raising the loss on past tasks (A-GEM, GEM)::
     g = mj.continual.project_gem(g, G)          # G: past-task gradients, [t, ...] per leaf
 
 and :func:`metrics` turns the accuracy matrix ``R [T, T]`` into ACC/RA, BWT/BTI,
-forgetting, FWT and LCA.
+forgetting, FWT and LCA. :func:`run` trains a learner on a :class:`metajax.types.Stream`.
+
+This package holds the algorithms only: the streams are in :mod:`metajax.data.streams`, the
+published protocols in :mod:`metajax.presets.protocols`, configurations and their builders in
+:mod:`metajax.presets.continual` and :mod:`metajax.presets.build_continual`, and the run
+directory in :mod:`metajax.train.continual`.
 """
 
 from metajax.continual.agem import AGEMState, agem
@@ -26,6 +31,8 @@ from metajax.continual.learners import (
     cross_entropy_loss,
     finetune,
     per_example_loss,
+    weighted_mean,
+    with_replay,
 )
 from metajax.continual.memory import (
     EpisodicMemory,
@@ -44,16 +51,6 @@ from metajax.continual.mer import MERState, mer
 from metajax.continual.metrics import metrics
 from metajax.continual.projections import nnls, project_agem, project_gem
 from metajax.continual.run import run
-from metajax.continual.stream import (
-    PROTOCOLS,
-    Stream,
-    many_permutations_mnist,
-    permuted_mnist,
-    protocol_stream,
-    rotated_mnist,
-    split_cifar100,
-    split_omniglot,
-)
 
 __all__ = [
     "AGEMState",
@@ -70,17 +67,11 @@ __all__ = [
     "cross_entropy_loss",
     "finetune",
     "per_example_loss",
+    "weighted_mean",
+    "with_replay",
     "MERState",
     "mer",
     "run",
-    "PROTOCOLS",
-    "Stream",
-    "many_permutations_mnist",
-    "permuted_mnist",
-    "protocol_stream",
-    "rotated_mnist",
-    "split_cifar100",
-    "split_omniglot",
     "EpisodicMemory",
     "ReplaySample",
     "ReservoirBuffer",

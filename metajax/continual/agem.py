@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metajax._checks import check_int
+from metajax._tree import vdot
 from metajax.continual.learners import (
     ContinualLearner,
     ExampleLossFn,
     batch_size_of,
-    check_int,
     check_optimizer,
     example_losses,
     float_metrics,
     task_vector,
-    tree_vdot,
     weighted_mean,
 )
 from metajax.continual.memory import (
@@ -80,7 +80,7 @@ def agem(
     Because task ``t``'s slots are never read while ``t`` is being learned, what later tasks
     see is the same as with A-GEM's end-of-task write, except which examples are kept: the
     last ``memory_per_task`` examples of the task rather than a random subset. The streams
-    of :mod:`metajax.continual.stream` present each task's rows in random order, so the last
+    of :mod:`metajax.data.streams` present each task's rows in random order, so the last
     ones are themselves a uniformly random subset (of the last epoch, with several).
 
     Args:
@@ -122,7 +122,7 @@ def agem(
         updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         memory = episodic_add(state.memory, *batch, task_id, after=g_ref)
-        metrics = {"loss": loss, "ref_loss": ref_loss, "projected": tree_vdot(g, g_ref) < 0}
+        metrics = {"loss": loss, "ref_loss": ref_loss, "projected": vdot(g, g_ref) < 0}
         return AGEMState(params, opt_state, memory, key, state.step + 1), float_metrics(metrics)
 
     return ContinualLearner(init, update)

@@ -12,17 +12,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metajax._checks import check_int
 from metajax.continual.learners import (
     ContinualLearner,
     ExampleLossFn,
     batch_size_of,
-    check_int,
     check_optimizer,
-    concat,
     example_losses,
     float_metrics,
-    task_vector,
     weighted_mean,
+    with_replay,
 )
 from metajax.continual.memory import (
     ReservoirBuffer,
@@ -93,9 +92,7 @@ def er(
         b = batch_size_of(batch)
         key, sample_key, add_key = jax.random.split(state.key, 3)
         replay = buffer_sample(state.memory, sample_key, replay_batch)
-        joint = concat(batch, (replay.x, replay.y))
-        task = jnp.concatenate([task_vector(task_id, b), replay.task])
-        weights = jnp.concatenate([jnp.ones((b,), bool), replay.valid])
+        joint, task, weights = with_replay(batch, task_id, replay)
 
         def objective(params):
             losses = example_losses(loss_fn, params, joint, task)

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metajax._checks import check_int, check_number
 from metajax.continual.learners import (
     ContinualLearner,
     ExampleLossFn,
     batch_size_of,
-    check_int,
-    check_number,
     check_optimizer,
     example_losses,
     float_metrics,

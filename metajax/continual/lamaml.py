@@ -13,17 +13,17 @@ import jax.numpy as jnp
 import optax
 
 from metajax import inner
+from metajax._checks import check_int, check_number
+from metajax._tree import where as tree_where
 from metajax.continual.learners import (
     ContinualLearner,
     ExampleLossFn,
     batch_size_of,
-    check_int,
-    check_number,
-    concat,
     example_losses,
     float_metrics,
     task_vector,
     weighted_mean,
+    with_replay,
 )
 from metajax.continual.memory import (
     ReservoirBuffer,
@@ -59,10 +59,6 @@ class LaMAMLState(NamedTuple):
     task: jax.Array
     key: jax.Array
     step: jax.Array
-
-
-def _tree_where(condition, a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(lambda u, v: jnp.where(condition, u, v), a, b)
 
 
 def _clip(grads: PyTree, max_norm: float | None) -> PyTree:
@@ -215,8 +211,8 @@ def lamaml(
         incoming_task = task_vector(task_id, b)
         slice_task = task_vector(task_id, b // steps)
         if replay_past_tasks:
-            past = _tree_where(task_id != state.task, state.memory, state.past_memory)
-            source = _tree_where(task_id > 0, past, state.memory)
+            past = tree_where(task_id != state.task, state.memory, state.past_memory)
+            source = tree_where(task_id > 0, past, state.memory)
         else:
             past, source = None, state.memory
 
@@ -256,9 +252,7 @@ def lamaml(
                 lambda leaf: leaf[order].reshape(steps, -1, *leaf.shape[1:]), batch
             )
             replay = buffer_sample(source, sample_key, replay_batch)
-            meta_batch = concat(batch, (replay.x, replay.y))
-            meta_task = jnp.concatenate([incoming_task, replay.task])
-            meta_weights = jnp.concatenate([jnp.ones((b,), bool), replay.valid])
+            meta_batch, meta_task, meta_weights = with_replay(batch, incoming_task, replay)
             (meta, inner_loss), (g_theta, g_alpha) = grad_fn(
                 params, alpha, slices, meta_batch, meta_task, meta_weights
             )

@@ -37,7 +37,6 @@ library's batch loss ``loss_fn(params, batch) -> loss`` into one.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metajax._checks import check_int
 from metajax.types import Batch, LossFn, PyTree
 
 ExampleLossFn = Callable[[PyTree, Batch, jax.Array], jax.Array]
@@ -67,12 +67,17 @@ class ContinualLearner(NamedTuple):
       update: ``update(state, batch, task_id) -> (state, metrics)`` for one incoming batch
         ``(x [b, ...], y [b])`` of task ``task_id`` (an int32 scalar, may be traced);
         ``metrics`` is a dict of float32 scalars with fixed keys.
+      end_task: optional ``end_task(state, task_id) -> state``, called once after the last
+        update of each task (:func:`metajax.continual.run` calls it inside the task's
+        compiled function), for methods that consolidate at a task boundary; ``None`` (the
+        default) for learners that need nothing there.
 
     Every state is a ``NamedTuple`` whose ``params`` field holds the model parameters.
     """
 
     init: Callable[[PyTree, jax.Array, Batch, int], Any]
     update: Callable[[Any, Batch, Any], tuple[Any, dict[str, jax.Array]]]
+    end_task: Callable[[Any, Any], Any] | None = None
 
 
 # --- losses ---------------------------------------------------------------------------------
@@ -137,25 +142,6 @@ def per_example_loss(loss_fn: LossFn) -> ExampleLossFn:
 # --- shared pieces of the learners ----------------------------------------------------------
 
 
-def check_int(name: str, value, minimum: int = 1) -> None:
-    """Reject anything but a Python int ``>= minimum`` (shapes must be static)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
-
-
-def check_number(name: str, value, *, positive: bool = True) -> None:
-    """Reject a Python number that is not real, or not > 0 (>= 0 with ``positive=False``);
-    traced values pass (they are the caller's)."""
-    if isinstance(value, bool) or (
-        isinstance(value, numbers.Number) and not isinstance(value, numbers.Real)
-    ):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if isinstance(value, numbers.Real):
-        ok = value > 0 if positive else value >= 0
-        if not ok:
-            raise ValueError(f"{name} must be {'>' if positive else '>='} 0, got {value!r}")
-
-
 def check_optimizer(optimizer) -> None:
     """Reject anything that is not an optax transformation (an ``init`` and an ``update``)."""
     if not (
@@ -211,13 +197,26 @@ def concat(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(lambda u, v: jnp.concatenate([u, jnp.asarray(v, u.dtype)]), a, b)
 
 
-def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """``sum over leaves of <a_leaf, b_leaf>`` in float32 at the highest precision."""
-    dots = [
-        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32), precision="highest")
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    ]
-    return sum(dots[1:], dots[0])
+def with_replay(batch: Batch, task, replay) -> tuple[Batch, jax.Array, jax.Array]:
+    """The incoming rows and a replay sample as one weighted batch.
+
+    Args:
+      batch: the incoming ``(x, y)``, leaves ``[b, ...]``.
+      task: the incoming rows' task id, an int scalar or a ``[b]`` array.
+      replay: a :class:`~metajax.continual.memory.ReplaySample` (``x``, ``y``, ``task``,
+        ``valid``).
+
+    Returns:
+      ``((x, y), task [b + r], weights [b + r])``: the incoming rows first (weight 1), then
+      the replayed ones, weighted by ``replay.valid`` (0 for placeholders drawn from an empty
+      memory), each with the task id it was stored with. :func:`weighted_mean` of the
+      per-example losses with these weights is the replay objective.
+    """
+    b = batch_size_of(batch)
+    tasks = jnp.concatenate([jnp.broadcast_to(jnp.asarray(task, jnp.int32), (b,)),
+                             replay.task.astype(jnp.int32)])
+    weights = jnp.concatenate([jnp.ones((b,), bool), replay.valid])
+    return concat(batch, (replay.x, replay.y)), tasks, weights
 
 
 def float_metrics(metrics: dict[str, Any]) -> dict[str, jax.Array]:

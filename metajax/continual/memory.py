@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metajax._checks import check_int
 from metajax.types import PyTree
 
 
@@ -81,11 +82,6 @@ class ReplaySample(NamedTuple):
     y: PyTree
     task: jax.Array
     valid: jax.Array
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a Python int >= 1, got {value!r}")
 
 
 def _stacked_zeros(leading: tuple[int, ...], example: PyTree) -> PyTree:
@@ -162,7 +158,7 @@ def reservoir_init(capacity: int, example_x: PyTree, example_y: PyTree) -> Reser
     Returns:
       A :class:`ReservoirBuffer` of zeros with ``seen = size = 0``.
     """
-    _check_count("capacity", capacity)
+    check_int("capacity", capacity)
     return ReservoirBuffer(
         x=_stacked_zeros((capacity,), example_x),
         y=_stacked_zeros((capacity,), example_y),
@@ -287,7 +283,7 @@ def buffer_sample(buffer: ReservoirBuffer, key: jax.Array, batch_size: int) -> R
       A :class:`ReplaySample` with ``x``, ``y`` leaves ``[batch_size, ...]``, ``task`` and
       ``valid`` ``[batch_size]``.
     """
-    _check_count("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     index = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buffer.size, 1))
     return ReplaySample(
         x=_gather(buffer.x, index),
@@ -311,8 +307,8 @@ def episodic_init(
     Returns:
       An :class:`EpisodicMemory` of zeros with every ``count`` 0.
     """
-    _check_count("num_tasks", num_tasks)
-    _check_count("per_task", per_task)
+    check_int("num_tasks", num_tasks)
+    check_int("per_task", per_task)
     return EpisodicMemory(
         x=_stacked_zeros((num_tasks, per_task), example_x),
         y=_stacked_zeros((num_tasks, per_task), example_y),
@@ -401,7 +397,7 @@ def episodic_sample(
       A :class:`ReplaySample` with ``x``, ``y`` leaves ``[batch_size, ...]``, ``task`` and
       ``valid`` ``[batch_size]``.
     """
-    _check_count("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     num_tasks = memory.count.shape[0]
     if isinstance(up_to_task, numbers.Integral) and not 0 <= up_to_task <= num_tasks:
         raise ValueError(f"up_to_task must be in [0, {num_tasks}], got {up_to_task}")

@@ -11,16 +11,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metajax._checks import check_int, check_number
 from metajax.continual.learners import (
     ContinualLearner,
     ExampleLossFn,
     batch_size_of,
-    check_int,
-    check_number,
-    concat,
     example_losses,
     float_metrics,
     task_vector,
+    with_replay,
 )
 from metajax.continual.memory import (
     ReservoirBuffer,
@@ -127,15 +126,10 @@ def mer(
 
         def one_batch(weights, batch_key):
             replay = buffer_sample(memory, batch_key, replay_batch)
-            rows_x, rows_y = concat(
-                jax.tree.map(lambda leaf: leaf[None], (x, y)), (replay.x, replay.y)
+            (rows_x, rows_y), rows_task, rows_weight = with_replay(
+                jax.tree.map(lambda leaf: leaf[None], (x, y)), task, replay
             )
-            rows = (
-                rows_x,
-                rows_y,
-                jnp.concatenate([task[None], replay.task]),
-                jnp.concatenate([jnp.ones((1,), bool), replay.valid]),
-            )
+            rows = (rows_x, rows_y, rows_task, rows_weight)
             fast, losses = jax.lax.scan(sgd_on_row, weights, rows)
             return _interpolate(weights, fast, beta), losses[0]
 

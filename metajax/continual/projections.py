@@ -11,23 +11,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from metajax._tree import upcast, vdot
 from metajax.types import PyTree
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _upcast(leaf: jax.Array) -> jax.Array:
-    """The leaf in at least float32, the precision inner products accumulate in."""
-    return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-
-
-def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """``sum over leaves of <a_leaf, b_leaf>``, accumulated in at least float32."""
-    dots = [
-        jnp.vdot(_upcast(x), _upcast(y), precision=_HIGHEST)
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    ]
-    return sum(dots[1:], dots[0])
 
 
 def _flatten(leaves: list, rows: int | None = None) -> jax.Array:
@@ -35,7 +22,7 @@ def _flatten(leaves: list, rows: int | None = None) -> jax.Array:
     for leaves with a leading ``rows`` axis. Written slice by slice into one buffer, because
     ``jnp.concatenate`` of many leaves is several times slower on XLA:CPU."""
     lead = () if rows is None else (rows,)
-    flat = [_upcast(leaf).reshape(*lead, -1) for leaf in leaves]
+    flat = [upcast(leaf).reshape(*lead, -1) for leaf in leaves]
     dtype = jnp.result_type(*flat)
     out = jnp.zeros((*lead, sum(f.shape[-1] for f in flat)), dtype)
     offset = 0
@@ -73,8 +60,8 @@ def project_agem(g: PyTree, g_ref: PyTree) -> PyTree:
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         if jnp.shape(a) != jnp.shape(b):
             raise ValueError(f"g and g_ref leaves differ in shape: {a.shape} vs {b.shape}")
-    dot = _tree_vdot(g, g_ref)
-    ref_sq = _tree_vdot(g_ref, g_ref)
+    dot = vdot(g, g_ref)
+    ref_sq = vdot(g_ref, g_ref)
     # The guarded denominator keeps the unused branch finite, so gradients through it are too.
     coef = jnp.where(dot < 0, dot / jnp.where(ref_sq > 0, ref_sq, 1.0), 0.0)
     return jax.tree.map(lambda a, b: (a - coef * b).astype(a.dtype), g, g_ref)
@@ -255,7 +242,7 @@ def project_gem(
     # Nothing to solve unless a constraint is violated (under vmap both branches run).
     v = jax.lax.cond(violated, dual, lambda _: jnp.zeros((t,), dtype), None)
     return jax.tree.map(
-        lambda a, b: (a + jnp.tensordot(v, _upcast(b), axes=1, precision=_HIGHEST)).astype(a.dtype),
+        lambda a, b: (a + jnp.tensordot(v, upcast(b), axes=1, precision=_HIGHEST)).astype(a.dtype),
         g,
         G,
     )

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metajax.continual.learners import ContinualLearner, check_int
+from metajax._checks import check_int
+from metajax.continual.learners import ContinualLearner
 from metajax.continual.metrics import metrics as summarize
-from metajax.continual.stream import Stream
 from metajax.task_map import check_task_map, map_tasks
-from metajax.types import PyTree
+from metajax.types import PyTree, Stream
 
 
 class _DeviceStream(NamedTuple):
@@ -59,7 +59,8 @@ def run(
     ``batch_size``, the first pass in the stream's order (the order a single pass sees), later
     passes reshuffled; ``n_train % batch_size`` rows per pass are left out (drop-last). The
     whole task is one ``lax.scan`` over ``learner.update`` inside one compiled function that
-    takes the task id as a traced argument, so it compiles once for all tasks.
+    takes the task id as a traced argument, so it compiles once for all tasks. A learner's
+    ``end_task(state, task)``, when it has one, runs at the end of that function.
 
     Evaluation: the accuracy of ``argmax apply_fn(params, x)`` on each task's test set, with
     logits outside ``stream.class_mask[t]`` excluded when the stream has a mask (task-aware
@@ -77,7 +78,7 @@ def run(
 
     Args:
       learner: a :class:`~metajax.continual.learners.ContinualLearner` (``er``, ``agem``, ...).
-      stream: a :class:`~metajax.continual.stream.Stream`; its arrays are put on the device
+      stream: a :class:`~metajax.types.Stream`; its arrays are put on the device
         once.
       key: PRNG key of the run (initialisation, learner randomness, reshuffles).
       params: the initial model parameters, or ``params(key) -> params``.
@@ -181,6 +182,8 @@ def run(
             state, metrics = jax.lax.scan(step, state, order)
             curve = jnp.zeros((0,), jnp.float32)
         means = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+        if learner.end_task is not None:
+            state = learner.end_task(state, task)
         return state, evaluate_all(state.params, data), curve, means
 
     if seeds is None:

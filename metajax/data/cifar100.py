@@ -2,7 +2,7 @@
 
 Data set: Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", technical
 report, University of Toronto, 2009. Its continual-learning split (20 tasks of 5 classes, as
-in GEM, A-GEM and La-MAML) is :func:`metajax.continual.stream.split_cifar100`.
+in GEM, A-GEM and La-MAML) is :func:`metajax.data.streams.split_cifar100`.
 
 Source: the "python version" archive ``cifar-100-python.tar.gz`` (:data:`ARCHIVE`,
 downloaded from :data:`CIFAR100_URL`, or ``url=`` / ``$METAJAX_CIFAR100_URL``), looked for in
@@ -15,7 +15,7 @@ The three members are pickles written by Python 2: ``train`` and ``test`` are di
 ``data`` (uint8 ``[N, 3072]``, each row the red, green and blue 32x32 planes in turn),
 ``fine_labels`` and ``coarse_labels`` (lists of int), ``filenames`` and ``batch_label``;
 ``meta`` holds ``fine_label_names`` and ``coarse_label_names``. They are never read with plain
-``pickle.load``: :func:`metajax.data.miniimagenet.restricted_pickle_load` builds numpy arrays
+``pickle.load``: :func:`metajax.data.sources.restricted_pickle_load` builds numpy arrays
 and plain containers only, so a tampered archive cannot run code. Members are read straight
 from the archive; nothing is extracted to disk. Decoding takes a few seconds and is not cached.
 """
@@ -33,12 +33,13 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from metajax.data.miniimagenet import ForbiddenPickleError, restricted_pickle_load
 from metajax.data.sources import (
     ChecksumError,
+    ForbiddenPickleError,
     ensure_files,
     resolve_data_dir,
     resolve_url,
+    restricted_pickle_load,
     sha256_file,
 )
 

@@ -3,7 +3,7 @@
 Data set: LeCun, Bottou, Bengio and Haffner, "Gradient-based learning applied to document
 recognition", Proc. IEEE 1998 (Y. LeCun, C. Cortes and C. J. C. Burges, "The MNIST database
 of handwritten digits"). The continual-learning streams built on it (permuted, rotated, many
-permutations) live in :mod:`metajax.continual.stream`.
+permutations) live in :mod:`metajax.data.streams`.
 
 Files, looked for in ``<data_dir>/mnist/`` (:data:`FILES` holds their sha256 and sizes, the
 values of TensorFlow Datasets' checksum list; their md5 are the ones published with the data

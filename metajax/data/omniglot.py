@@ -72,7 +72,7 @@ URL_ENV = "METAJAX_OMNIGLOT_URL"
 DRAWINGS = 20
 SOURCE_SIZE = 105
 RESAMPLES = ("maml", "lanczos")
-PROTOCOLS = ("maml", "alphabets")
+SPLIT_PROTOCOLS = ("maml", "alphabets")
 _CACHE_VERSION = 1
 
 
@@ -285,7 +285,7 @@ def omniglot_split_indices(
         if held_out:
             parts["val"] = np.flatnonzero(is_val)
     else:
-        raise ValueError(f"protocol={protocol!r}: use one of {PROTOCOLS}")
+        raise ValueError(f"protocol={protocol!r}: use one of {SPLIT_PROTOCOLS}")
     return {name: np.asarray(idx, dtype=np.int64) for name, idx in parts.items()}
 
 

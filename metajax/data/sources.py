@@ -2,22 +2,27 @@
 
 A file either arrives whole and verified or not at all: downloads go to a temporary file
 beside the destination and are renamed into place only after their size and sha256 match,
-and caches are written the same way (:func:`atomic_save_npz`).
+and caches are written the same way (:func:`atomic_save_npz`). Dataset pickles (mini-ImageNet
+caches, CIFAR-100 batches) are read by :func:`restricted_pickle_load`, which builds numpy
+arrays and plain containers and nothing else.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import http.client
 import os
+import pickle
 import re
 import stat
 import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -290,3 +295,112 @@ def ensure_files(
             fetch(urls[i], folder / spec.filename, spec.sha256, size=spec.size, progress=progress)
         except DownloadError as e:
             raise DataNotFoundError(folder, names[i:], urls=urls[i:], reason=str(e)) from e
+
+
+# --- Restricted unpickling (dataset pickles: mini-ImageNet caches, CIFAR-100 batches) ------
+
+
+class ForbiddenPickleError(pickle.UnpicklingError):
+    """A pickle asked for something a dataset pickle never needs; nothing was run."""
+
+
+def _latin1_encode(obj: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    # Python 3 writes bytes under pickle protocols 0-2 as _codecs.encode(text, "latin1"); no
+    # other codec is needed, and refusing the rest keeps codec lookups out of reach.
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1") or errors != "strict":
+        raise ForbiddenPickleError(
+            f"_codecs.encode called with encoding={encoding!r}, errors={errors!r}; "
+            "only 'latin1' appears in numpy array pickles."
+        )
+    if not isinstance(obj, str):
+        raise ForbiddenPickleError(f"_codecs.encode expects str, got {type(obj).__name__}.")
+    return codecs.encode(obj, "latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    # Protocols 0-2 write b"" (the data of an empty array) as bytes(); bytes(n) with an
+    # attacker-chosen n would allocate n bytes, so arguments are refused.
+    if args:
+        raise ForbiddenPickleError(f"bytes{args!r} is not allowed; only bytes() is.")
+    return b""
+
+
+def _numpy_callables() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    # Taken from numpy's own reductions, so the right functions are found on numpy 1.x
+    # (numpy.core) and 2.x (numpy._core) alike without importing the deprecated module.
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.float64(0).__reduce__()[0]
+    return reconstruct, frombuffer, scalar
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    reconstruct, frombuffer, scalar = _numpy_callables()
+
+    # Fresh wrappers rather than numpy's functions themselves: pickle's BUILD opcode can set
+    # attributes on any object it has, and it must not reach shared module-level objects.
+    def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise ForbiddenPickleError(
+                f"_reconstruct of {subtype!r} refused; only plain numpy.ndarray is allowed."
+            )
+        return reconstruct(subtype, shape, dtype)
+
+    def _frombuffer(*args: object) -> np.ndarray:
+        return frombuffer(*args)
+
+    def _scalar(*args: object) -> object:
+        return scalar(*args)
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+        # Python 3 writes "__builtin__" for protocols < 3; Python 2 always does.
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("builtins", "bytes"): _empty_bytes,
+    }
+    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; Python 2 caches use numpy.core.
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = _scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals a numpy array pickle needs."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        # latin1 turns Python 2 byte strings (array data, dict keys) into str that numpy
+        # accepts back as bytes; Python 3 pickles contain no such strings, so it is harmless.
+        super().__init__(file, encoding="latin1")
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Every global a pickle refers to, also through EXT codes, is looked up here; the
+        # refusal happens before anything is imported or called.
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise ForbiddenPickleError(
+                f"forbidden global '{module}.{name}' in pickle: a dataset pickle (mini-ImageNet "
+                "cache, CIFAR-100 batch) may only contain numpy arrays, dicts, lists, str, "
+                "bytes, int and float. The file may be tampered with or not the dataset file "
+                "it claims to be; nothing from it was run."
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ForbiddenPickleError(f"persistent id {pid!r} in pickle is not allowed.")
+
+
+def restricted_pickle_load(file: BinaryIO) -> Any:
+    """Unpickle ``file`` allowing only numpy arrays, numpy scalars and plain containers.
+
+    Accepts pickles written by Python 3 with protocols 0-5 under numpy 1.x or 2.x, and Python 2
+    pickles (read with ``encoding="latin1"``). Any other global (``os.system``, ``eval``, a
+    custom class, ...) raises :class:`ForbiddenPickleError` (a ``pickle.UnpicklingError``)
+    naming it, before it is imported or called. The result's structure is not checked here;
+    see :func:`validate_cache_structure`.
+    """
+    return _RestrictedUnpickler(file).load()

@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from metajax._checks import check_int
 from metajax.task_map import TaskMap, check_task_map, mean_value_and_grad
 from metajax.types import Learner, PyTree, Task
-
-
-def check_positive_number(name: str, value) -> None:
-    """Reject a non-positive Python number early; traced values pass (they are the caller's)."""
-    if isinstance(value, bool) or (
-        isinstance(value, numbers.Number) and not isinstance(value, numbers.Real)
-    ):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if isinstance(value, numbers.Real) and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def check_steps(name: str, value, minimum: int = 1) -> None:
-    """Reject anything but a Python int >= ``minimum`` (the scan length must be static)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a Python int >= {minimum}, got {value!r}")
 
 
 def loss_and_aux(loss_fn, has_aux: bool):
@@ -78,7 +62,7 @@ def inner_loop_learner(
 
     def adapt(meta_params: PyTree, support, inner_steps: int | None = None) -> PyTree:
         steps = default_steps if inner_steps is None else inner_steps
-        check_steps("inner_steps", steps, minimum=0)
+        check_int("inner_steps", steps, minimum=0)
         return run_inner(meta_params, support, steps)[0]
 
     def task_objective(meta_params: PyTree, task: Task):
@@ -92,7 +76,8 @@ def inner_loop_learner(
             metrics["aux"] = aux
         return query_loss, metrics
 
-    def meta_grad(meta_params: PyTree, tasks: Task):
+    def meta_grad(meta_params: PyTree, tasks: Task, *, step=None):
+        del step  # the learner contract: no schedule depends on the meta-step here
         return averaged_meta_grad(task_objective, meta_params, tasks, task_map)
 
     default_steps = inner_steps

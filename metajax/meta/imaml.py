@@ -13,14 +13,17 @@ import numpy as np
 import optax
 
 from metajax import inner
+from metajax._checks import check_int, check_number
+from metajax._tree import norm
 from metajax.meta._common import (
-    check_positive_number,
-    check_steps,
     inner_loop_learner,
     loss_and_aux,
 )
 from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
+
+LinearSolve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
+"""``linear_solve(matvec, b) -> x``: solve ``A x = b`` for ``A`` given as ``matvec``."""
 
 
 def conjugate_gradient(
@@ -33,7 +36,7 @@ def conjugate_gradient(
     ``jax.scipy.sparse.linalg.cg`` with no tolerance, so exactly ``steps`` iterations run
     unless the residual vanishes first.
     """
-    check_steps("cg_steps", steps)
+    check_int("cg_steps", steps)
     if damping:
         plain = matvec
 
@@ -59,6 +62,7 @@ def implicit_proximal_solver(
     cg_damping: float = 0.0,
     has_aux: bool = False,
     lam_damping: float = 0.0,
+    linear_solve: LinearSolve | None = None,
 ) -> Callable[[PyTree, PyTree], PyTree]:
     """Attach the implicit meta-gradient to a proximal inner solver.
 
@@ -75,6 +79,12 @@ def implicit_proximal_solver(
     then give a poor, large solution. Two stabilisers change the system to
     ``(1 + cg_damping) u + H u / (lam + lam_damping) = v``; both default to 0 (the exact
     implicit gradient).
+
+    ``linear_solve(matvec, v) -> u``, when given, replaces the conjugate-gradient solve (as
+    the ``solve`` argument of jaxopt's ``custom_root``): it receives the system's
+    ``matvec`` (damping included) and the cotangent, both on pytrees, e.g.
+    ``lambda mv, b: jax.scipy.sparse.linalg.gmres(mv, b, maxiter=20)[0]`` or a truncated
+    Neumann series; ``cg_steps`` is then unused.
     """
     objective = loss_and_aux(loss_fn, has_aux)
     hessian_lam = lam + lam_damping
@@ -98,7 +108,14 @@ def implicit_proximal_solver(
             hvp = jax.jvp(lambda p: grad_at(p, support), (phi,), (x,))[1]
             return jax.tree.map(lambda xi, hi: xi + hi / hessian_lam, x, hvp)
 
-        u = conjugate_gradient(matvec, v, cg_steps, cg_damping)
+        if linear_solve is None:
+            u = conjugate_gradient(matvec, v, cg_steps, cg_damping)
+        else:
+            damped = matvec
+            if cg_damping:
+                def damped(x):
+                    return jax.tree.map(lambda ax, xi: ax + cg_damping * xi, matvec(x), x)
+            u = linear_solve(damped, v)
         return u, jax.tree.map(_zero_cotangent, support)
 
     solution.defvjp(forward, backward)
@@ -144,8 +161,8 @@ def backtracking_descent(
       ``(params, losses)``: the last accepted parameters and the loss after each trial
       (the accepted loss, so non-increasing), shape ``[steps]``.
     """
-    check_steps("steps", steps)
-    check_positive_number("max_lr", max_lr)
+    check_int("steps", steps)
+    check_number("max_lr", max_lr)
     if not 0.0 < sufficient_decrease < 1.0:
         raise ValueError(f"sufficient_decrease must be in (0, 1), got {sufficient_decrease!r}")
     if not 0.0 < shrink < 1.0 or not grow >= 1.0:
@@ -185,6 +202,7 @@ def imaml(
     lam_damping: float = 0.0,
     inner_optimizer: optax.GradientTransformation | None = None,
     inner_solver: str = "gd",
+    linear_solve: LinearSolve | None = None,
     has_aux: bool = False,
     task_map: TaskMap = "auto",
 ) -> Learner:
@@ -217,13 +235,15 @@ def imaml(
         one gradient per step, plus one at the start). Use it when ``inner_residual``
         stays high: plain gradient descent oscillates where ``inner_lr`` exceeds
         ``2 / (lam + curvature)`` along its path.
+      linear_solve: the solver of the backward system, ``linear_solve(matvec, v) -> u``
+        (default: ``cg_steps`` of conjugate gradient); see :func:`implicit_proximal_solver`.
       Others (``task_map`` included) as :func:`metajax.maml`. Its meta-parameters are the
       model parameters.
     """
-    check_positive_number("inner_lr", inner_lr)
-    check_positive_number("lam", lam)
-    check_steps("inner_steps", inner_steps)
-    check_steps("cg_steps", cg_steps)
+    check_number("inner_lr", inner_lr)
+    check_number("lam", lam)
+    check_int("inner_steps", inner_steps)
+    check_int("cg_steps", cg_steps)
     for name, value in (("cg_damping", cg_damping), ("lam_damping", lam_damping)):
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -249,12 +269,9 @@ def imaml(
             return inner.adapt(proximal_loss, theta, (support, theta), steps, rule)[0]
 
         return implicit_proximal_solver(loss_fn, solve, lam, cg_steps, cg_damping, has_aux,
-                                        lam_damping)
+                                        lam_damping, linear_solve)
 
     default_solver = make_solver(inner_steps)
-
-    def norm(tree):
-        return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
     def run_inner(theta, support, steps):
         solver = default_solver if steps == inner_steps else make_solver(steps)

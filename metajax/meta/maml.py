@@ -12,7 +12,8 @@ from collections.abc import Callable
 import jax
 
 from metajax import inner
-from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax._checks import check_int, check_number
+from metajax.meta._common import inner_loop_learner
 from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
 
@@ -54,8 +55,8 @@ def maml(
     Returns:
       A :class:`~metajax.types.Learner`; its meta-parameters are the model parameters.
     """
-    check_positive_number("inner_lr", inner_lr)
-    check_steps("inner_steps", inner_steps)
+    check_number("inner_lr", inner_lr)
+    check_int("inner_steps", inner_steps)
     rule = inner.sgd(inner_lr)
 
     def run_inner(params, support, steps):

@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
+from metajax._checks import check_int, check_number
 from metajax.meta._common import (
     averaged_meta_grad,
-    check_positive_number,
-    check_steps,
     loss_and_aux,
 )
 from metajax.task_map import TaskMap, check_task_map
@@ -76,8 +75,8 @@ def msl_weights(inner_steps: int, epoch, anneal_epochs: int) -> jax.Array:
     by the same total, up to ``1 - 0.03 (N - 1) / N``, so after ``anneal_epochs`` epochs almost
     all weight is on the last step. ``epoch`` may be traced. Returns ``[inner_steps]``.
     """
-    check_steps("inner_steps", inner_steps)
-    check_steps("anneal_epochs", anneal_epochs)
+    check_int("inner_steps", inner_steps)
+    check_int("anneal_epochs", anneal_epochs)
     n = inner_steps
     decay = jnp.asarray(epoch, jnp.float32) / (n * anneal_epochs)
     floor = 0.03 / n
@@ -94,6 +93,8 @@ def mamlpp(
     multi_step_loss: bool = True,
     learnable_lrs: bool = True,
     per_step: PyTree | Callable[[PyTree], PyTree] | None = None,
+    step_weights: jax.Array | Callable[[jax.Array], jax.Array] | None = None,
+    first_order: bool | Callable[[jax.Array], jax.Array] = False,
     has_aux: bool = False,
     task_map: TaskMap = "auto",
 ) -> Learner:
@@ -103,8 +104,8 @@ def mamlpp(
       inner_lr: the inner step size, and the initial value of every learnable rate.
       inner_steps: inner steps (the number of LSLR rates per tensor).
       multi_step_loss: MSL: the meta-objective is ``sum_i w_i L_query(phi_i)`` over the
-        parameters after every inner step; ``meta_grad(..., step_weights=w)`` passes the
-        weights (default uniform), e.g. from :func:`msl_weights`. Off: the final query loss.
+        parameters after every inner step, with the weights ``step_weights``. Off: the final
+        query loss.
       learnable_lrs: LSLR: meta-learn one rate per parameter tensor and per step.
       per_step: BNWB: a boolean mask like the model parameters, or a function
         ``params -> mask`` such as :func:`norm_mask`, choosing leaves that get one copy per
@@ -112,18 +113,28 @@ def mamlpp(
         it) runs the model with copy ``i``; the final query loss and ``adapt``'s result use
         the copy of the last step taken. These leaves are meta-learned only, never adapted
         in the inner loop (the reference's default). ``None``: no per-step leaves.
+      step_weights: MSL's weights ``w [inner_steps]``, or a schedule ``step -> w`` of the
+        (traced) meta-step, as optax takes a schedule for a learning rate: e.g.
+        ``lambda step: msl_weights(5, step // 500, 10)`` anneals them over epochs of 500
+        steps (:func:`msl_weights`). Default: uniform.
+      first_order: DA, derivative-order annealing: ``True`` for first-order meta-gradients,
+        or a schedule ``step -> 0/1 scalar`` (1: first order), e.g. ``lambda step: step <
+        2000`` for first order during the first 2,000 meta-steps. A scheduled switch is
+        traced, so it changes order inside one compiled step. Default: second order.
       has_aux: as :func:`metajax.maml` (the final step's query ``aux`` is reported).
       task_map: how ``meta_grad`` executes the task axis: ``"auto"`` (the backend's measured
         default), ``"vmap"``, ``"scan"`` or a chunk size; see :mod:`metajax.task_map`. The
         meta-gradient is the same whatever the choice (up to float rounding).
 
-    ``meta_grad(meta_params, tasks, *, step_weights=None, first_order=False)``: ``first_order``
-    may be a traced 0/1 scalar, so derivative-order annealing (first order for the first
-    epochs, then second order) switches inside one compiled step. ``adapt`` can run at most
-    ``inner_steps`` steps when the rates are learned (there is no rate for later steps).
+    ``meta_grad(meta_params, tasks, *, step=None, step_weights=None, first_order=None)``:
+    ``step`` is the meta-step the schedules are evaluated at (needed when one of them is a
+    schedule; the training loop passes it); ``step_weights`` and ``first_order`` given here
+    override the constructor's for this call (``first_order`` may be a traced 0/1 scalar).
+    ``adapt`` can run at most ``inner_steps`` steps when the rates are learned (there is no
+    rate for later steps).
     """
-    check_positive_number("inner_lr", inner_lr)
-    check_steps("inner_steps", inner_steps)
+    check_number("inner_lr", inner_lr)
+    check_int("inner_steps", inner_steps)
     check_task_map(task_map)
     objective = loss_and_aux(loss_fn, has_aux)
     default_steps = inner_steps
@@ -177,7 +188,7 @@ def mamlpp(
 
     def adapt(meta_params: MAMLPlusPlusParams, support, inner_steps: int | None = None):
         steps = default_steps if inner_steps is None else inner_steps
-        check_steps("inner_steps", steps, minimum=0)
+        check_int("inner_steps", steps, minimum=0)
         limited = meta_params.inner_lrs is not None or per_step is not None
         if limited and steps > default_steps:
             raise ValueError(
@@ -187,8 +198,24 @@ def mamlpp(
         (fast, *_), mask = run_inner(meta_params, support, steps)
         return select_step(fast, mask, max(steps - 1, 0))
 
-    def meta_grad(meta_params: MAMLPlusPlusParams, tasks: Task, *, step_weights=None,
-                  first_order=False):
+    def scheduled(name, value, step):
+        if not callable(value):
+            return value
+        if step is None:
+            raise ValueError(
+                f"mamlpp's {name} is a schedule of the meta-step: call "
+                f"meta_grad(meta_params, tasks, step=step) (the training loop does)"
+            )
+        return value(jnp.asarray(step))
+
+    default_weights, default_order = step_weights, first_order
+
+    def meta_grad(meta_params: MAMLPlusPlusParams, tasks: Task, *, step=None,
+                  step_weights=None, first_order=None):
+        if step_weights is None:
+            step_weights = scheduled("step_weights", default_weights, step)
+        if first_order is None:
+            first_order = scheduled("first_order", default_order, step)
         weights = (jnp.full((default_steps,), 1.0 / default_steps) if step_weights is None
                    else jnp.asarray(step_weights))
 

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
-from metajax.meta._common import check_positive_number, check_steps, inner_loop_learner
+from metajax._checks import check_int, check_number
+from metajax.meta._common import inner_loop_learner
 from metajax.task_map import TaskMap
 from metajax.types import Learner, LossFn, PyTree
 
@@ -47,8 +48,8 @@ def metasgd(
     Args (``task_map`` included) as :func:`metajax.maml`; ``first_order`` stops the gradient
     through the inner gradients (the learning rates still receive ``-grad * dL_query/dfast``).
     """
-    check_positive_number("inner_lr", inner_lr)
-    check_steps("inner_steps", inner_steps)
+    check_number("inner_lr", inner_lr)
+    check_int("inner_steps", inner_steps)
 
     def run_inner(meta_params: MetaSGDParams, support, steps):
         return inner.adapt(

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from metajax import inner
+from metajax._checks import check_int, check_number
 from metajax.meta._common import (
-    check_positive_number,
-    check_steps,
     inner_loop_learner,
     loss_and_aux,
 )
@@ -39,8 +38,8 @@ def reptile(
     Args as :func:`metajax.maml`; with ``task_map`` ``"scan"`` or chunks, the adapted
     parameters are summed as they come instead of stacked for every task.
     """
-    check_positive_number("inner_lr", inner_lr)
-    check_steps("inner_steps", inner_steps)
+    check_number("inner_lr", inner_lr)
+    check_int("inner_steps", inner_steps)
     check_task_map(task_map)
     objective = loss_and_aux(loss_fn, has_aux)
     rule = inner.sgd(inner_lr)
@@ -56,7 +55,8 @@ def reptile(
             metrics["aux"] = aux
         return fast_params, metrics
 
-    def meta_grad(meta_params: PyTree, tasks: Task):
+    def meta_grad(meta_params: PyTree, tasks: Task, *, step=None):
+        del step  # the learner contract: no schedule depends on the meta-step here
         mean_fast, metrics = mean_over_tasks(lambda task: one_task(meta_params, task), tasks,
                                              task_map)
         grads = jax.tree.map(jnp.subtract, meta_params, mean_fast)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from metajax.train.config import Config, ConfigError
+from metajax.presets.config import Config
+from metajax.train.config import ConfigError
 
 _MAML_SINUSOID = Config(
     dataset="sinusoid",
@@ -153,9 +154,8 @@ def _second_wave_presets() -> dict[str, tuple[Config, str]]:
             imaml_note.format(steps=16, lr=0.1, lr_source=released_lr,
                               where="Omniglot 5-way 1-shot, MAML protocol",
                               backward=released,
-                              status="Measured after 60 CPU-minutes (2,640 of the paper's "
-                              "meta-steps): 79.53%, far below the paper's 99.16%; 64.81% with "
-                              "plain GD (benchmarks/RESULTS.md)."),
+                              status="Measured: benchmarks/RESULTS.md, section Omniglot "
+                              "5-way 1-shot, iMAML."),
         ),
         "omniglot-20w1s-imaml": (
             dataclasses.replace(omniglot[20, 1], algorithm="imaml", inner_steps=25,

@@ -1,4 +1,4 @@
-"""From a :class:`~metajax.train.config.Config` to the pieces a run needs.
+"""From a :class:`~metajax.presets.config.Config` to the pieces a run needs.
 
 This is the only place that knows which dataset, model and algorithm a name stands for; the
 training loop receives the finished pieces.
@@ -7,7 +7,6 @@ training loop receives the finished pieces.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -20,33 +19,8 @@ from metajax.data import episodes, sinusoid
 from metajax.meta.mamlpp import norm_mask
 from metajax.nn.conv4 import conv4_miniimagenet, conv4_omniglot
 from metajax.nn.mlp import MLP
-from metajax.train.config import Config
-from metajax.types import Batch, LossFn, PyTree, Task
-
-
-class Problem(NamedTuple):
-    """A dataset with its model and measures.
-
-    Attributes:
-      init_params: ``init_params(key) -> params`` of the model.
-      loss_fn: ``loss_fn(params, batch) -> loss``.
-      sample_tasks: ``sample_tasks(key, num_tasks, shots, queries, split) -> Task`` (jit-able;
-        ``split`` is ``"train"``, ``"val"`` or ``"test"``).
-      metric_name: what :attr:`metric_fn` measures, e.g. ``"mse"``.
-      metric_fn: ``metric_fn(params, batch) -> scalar`` reported at evaluation.
-      has_validation: whether ``"val"`` is a held-out split (used to pick the best checkpoint).
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      default_eval_steps: inner-step counts ``metajax evaluate`` reports by default.
-    """
-
-    init_params: Callable[[jax.Array], PyTree]
-    loss_fn: LossFn
-    sample_tasks: Callable[..., Task]
-    metric_name: str
-    metric_fn: Callable[[PyTree, Batch], jax.Array]
-    has_validation: bool
-    has_aux: bool = False
-    default_eval_steps: tuple[int, ...] = (1, 5, 10)
+from metajax.presets.config import Config
+from metajax.types import Problem
 
 
 def sinusoid_problem(config: Config) -> Problem:
@@ -154,44 +128,48 @@ def build_problem(config: Config) -> Problem:
     }[config.dataset](config)
 
 
+LEARNERS: dict[str, Callable[[Config, Problem], mj.Learner]] = {
+    "maml": lambda c, p: mj.maml(p.loss_fn, c.inner_lr, c.inner_steps, has_aux=p.has_aux,
+                                 remat=c.remat),
+    "fomaml": lambda c, p: mj.maml(p.loss_fn, c.inner_lr, c.inner_steps, first_order=True,
+                                   has_aux=p.has_aux),
+    "reptile": lambda c, p: mj.reptile(p.loss_fn, c.inner_lr, c.inner_steps, has_aux=p.has_aux),
+    "metasgd": lambda c, p: mj.metasgd(p.loss_fn, c.inner_lr, c.inner_steps, has_aux=p.has_aux),
+    "anil": lambda c, p: mj.anil(p.loss_fn, c.inner_lr, c.inner_steps, has_aux=p.has_aux),
+    "imaml": lambda c, p: mj.imaml(p.loss_fn, c.inner_lr, c.inner_steps, lam=c.lam,
+                                   cg_steps=c.cg_steps, cg_damping=c.cg_damping,
+                                   lam_damping=c.lam_damping, inner_solver=c.inner_solver,
+                                   has_aux=p.has_aux),
+    "mamlpp": lambda c, p: mj.mamlpp(
+        p.loss_fn, c.inner_lr, c.inner_steps, multi_step_loss=c.msl, learnable_lrs=c.lslr,
+        per_step=norm_mask if c.bnwb else None, has_aux=p.has_aux, **mamlpp_schedules(c),
+    ),
+}
+"""Meta-learners by name (``config.algorithm``): ``builder(config, problem) -> Learner``."""
+
+ALGORITHMS: tuple[str, ...] = tuple(LEARNERS)
+
+
 def build_learner(config: Config, problem: Problem) -> mj.Learner:
-    """The meta-learner named by ``config.algorithm`` with its inner-loop settings."""
-    lr, steps, aux, loss_fn = config.inner_lr, config.inner_steps, problem.has_aux, problem.loss_fn
-    return {
-        "maml": lambda: mj.maml(loss_fn, lr, steps, has_aux=aux, remat=config.remat),
-        "fomaml": lambda: mj.maml(loss_fn, lr, steps, first_order=True, has_aux=aux),
-        "reptile": lambda: mj.reptile(loss_fn, lr, steps, has_aux=aux),
-        "metasgd": lambda: mj.metasgd(loss_fn, lr, steps, has_aux=aux),
-        "anil": lambda: mj.anil(loss_fn, lr, steps, has_aux=aux),
-        "imaml": lambda: mj.imaml(loss_fn, lr, steps, lam=config.lam, cg_steps=config.cg_steps,
-                                  cg_damping=config.cg_damping,
-                                  lam_damping=config.lam_damping,
-                                  inner_solver=config.inner_solver, has_aux=aux),
-        "mamlpp": lambda: mj.mamlpp(
-            loss_fn, lr, steps, multi_step_loss=config.msl, learnable_lrs=config.lslr,
-            per_step=norm_mask if config.bnwb else None, has_aux=aux,
-        ),
-    }[config.algorithm]()
+    """The meta-learner named by ``config.algorithm`` (its :data:`LEARNERS` entry) with its
+    inner-loop settings."""
+    return LEARNERS[config.algorithm](config, problem)
 
 
-def build_meta_grad_schedule(config: Config) -> Callable[[jax.Array], dict] | None:
-    """Keyword arguments of ``meta_grad`` as a function of the (traced) meta-step, or None.
+def mamlpp_schedules(config: Config) -> dict[str, Callable[[jax.Array], jax.Array]]:
+    """MAML++'s schedules of the meta-step, as :func:`metajax.mamlpp` takes them: the
+    multi-step-loss weights of the current epoch (``step_weights``) and the derivative-order
+    switch (``first_order``: 1 during the first ``first_order_epochs`` epochs). Both are
+    traced values, so the compiled step never changes."""
 
-    For MAML++: the multi-step-loss weights of the current epoch and the derivative-order
-    switch (first order during the first ``first_order_epochs`` epochs); both are traced
-    values, so the compiled step never changes.
-    """
-    if config.algorithm != "mamlpp":
-        return None
-
-    def schedule(step):
+    def step_weights(step):
         epoch = step // config.iters_per_epoch
-        return {
-            "step_weights": mj.msl_weights(config.inner_steps, epoch, config.msl_anneal_epochs),
-            "first_order": (epoch < config.first_order_epochs).astype(jnp.float32),
-        }
+        return mj.msl_weights(config.inner_steps, epoch, config.msl_anneal_epochs)
 
-    return schedule
+    def first_order(step):
+        return (step // config.iters_per_epoch < config.first_order_epochs).astype(jnp.float32)
+
+    return {"step_weights": step_weights, "first_order": first_order}
 
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:

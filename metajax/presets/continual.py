@@ -23,14 +23,159 @@ Three families:
   15 training and 5 test drawings per character), 10 passes per task (one pass of 21 batches
   leaves every learner near chance), task-aware heads, MLP 784-100-100 on the 28x28 images;
   our protocol (not a published one), same learner settings as ``rot-mnist``.
+
+:class:`ContinualConfig` is the schema of every continual configuration;
+:func:`metajax.presets.build_continual.run_experiment` builds and runs one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from metajax.continual.experiment import LEARNERS, ContinualConfig
-from metajax.train.config import ConfigError
+from metajax.presets.build_continual import BENCHMARKS, LEARNERS, MODELS
+from metajax.presets.protocols import PROTOCOLS
+from metajax.train.config import ConfigError, FlatConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualConfig(FlatConfig):
+    """Everything that defines a continual run. ``metajax continual --set key=value`` sets
+    any field; 0 (or -1 for ``cv_tasks``) means "the benchmark's protocol value".
+
+    Attributes:
+      preset: the preset this configuration started from.
+      benchmark: a key of :data:`metajax.presets.protocols.PROTOCOLS` (e.g.
+        ``lamaml_permuted_mnist``, ``agem_permuted_mnist``) or ``split_omniglot``.
+      learner: ``finetune``, ``er``, ``agem``, ``gem``, ``mer``, ``cmaml``, ``sync`` or
+        ``lamaml``.
+      model: ``mlp`` (on flattened inputs) or ``conv4`` (images; no normalisation).
+      hidden: width of every hidden layer of the MLP (filters of Conv4).
+      layers: hidden layers of the MLP.
+      lr: SGD rate of ``finetune``, ``er``, ``agem`` and ``gem``; MER's example-step rate.
+      memory: replay memory in examples: the reservoir of ``er``, ``mer`` and the La-MAML
+        family; ``agem`` and ``gem`` split it evenly over the tasks unless
+        ``memory_per_task`` is set.
+      memory_per_task: per-task episodic memory of ``agem`` and ``gem`` (0: memory // tasks).
+      replay_batch: memories per update (``er``, ``mer``: ``k - 1``, La-MAML family).
+      ref_batch: A-GEM's reference batch.
+      memory_strength: GEM's margin.
+      beta: MER's within-batch Reptile rate.
+      gamma: MER's across-batch Reptile rate.
+      batches_per_example: MER's ``s``.
+      alpha_init: La-MAML family: initial (C-MAML: fixed) inner rate.
+      lr_eta: La-MAML and Sync: SGD rate of the learned rates.
+      outer_lr: Sync and C-MAML: fixed weight rate.
+      glances: La-MAML family: updates per incoming batch.
+      first_order: La-MAML family: first-order meta-gradient.
+      multi_step_loss: La-MAML family: meta-loss averaged over the inner steps.
+      replay_past_tasks: La-MAML family: replay only from the memory as it was when the
+        current task began.
+      grad_clip_norm: La-MAML family: clip both meta-gradients to this norm (0: no clipping).
+      clip_inner_rates: La-MAML and Sync: inner steps with ``max(alpha, 0)``.
+      tasks: tasks of the stream (0: the protocol's), counted before ``cv_tasks`` are removed.
+      cv_tasks: leading tasks left out of the run (reserved for hyper-parameter search, as
+        A-GEM's protocol); -1: the protocol's.
+      train_per_task: training examples per task (0: the protocol's); for
+        ``split_omniglot``, training drawings per character (default 15 of 20).
+      test_per_task: test examples per task (0: the protocol's).
+      batch_size: examples per update (0: the protocol's).
+      epochs: passes over each task (0: the protocol's).
+      lca_batches: LCA's beta, the mini-batches after which each task's own accuracy is
+        measured (A-GEM uses 10); 0 skips LCA.
+      seeds: independent runs, trained at once under ``vmap`` (model initialisation and the
+        learner's randomness differ; the stream is the same).
+      seed: seed of the stream and of the run's keys.
+      data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+    """
+
+    preset: str = "custom"
+    benchmark: str = "lamaml_permuted_mnist"
+    learner: str = "er"
+    model: str = "mlp"
+    hidden: int = 100
+    layers: int = 2
+    lr: float = 0.03
+    memory: int = 200
+    memory_per_task: int = 0
+    replay_batch: int = 10
+    ref_batch: int = 256
+    memory_strength: float = 0.5
+    beta: float = 0.03
+    gamma: float = 1.0
+    batches_per_example: int = 5
+    alpha_init: float = 0.15
+    lr_eta: float = 0.3
+    outer_lr: float = 0.1
+    glances: int = 1
+    first_order: bool = True
+    multi_step_loss: bool = True
+    replay_past_tasks: bool = False
+    grad_clip_norm: float = 2.0
+    clip_inner_rates: bool = True
+    tasks: int = 0
+    cv_tasks: int = -1
+    train_per_task: int = 0
+    test_per_task: int = 0
+    batch_size: int = 0
+    epochs: int = 0
+    lca_batches: int = 10
+    seeds: int = 1
+    seed: int = 0
+    data_dir: str = ""
+
+    def validate(self) -> ContinualConfig:
+        """Check every field; raise :class:`ConfigError` naming the field and the fix."""
+        self.check_types()
+        self.check_bounds(
+            choices={"benchmark": BENCHMARKS, "learner": tuple(LEARNERS),
+                     "model": tuple(MODELS)},
+            positive=(
+                "hidden", "layers", "lr", "memory", "replay_batch", "ref_batch", "beta",
+                "gamma", "batches_per_example", "alpha_init", "lr_eta", "outer_lr", "glances",
+                "seeds",
+            ),
+            non_negative=(
+                "memory_per_task", "memory_strength", "grad_clip_norm", "tasks",
+                "train_per_task", "test_per_task", "batch_size", "epochs", "lca_batches", "seed",
+            ),
+        )
+        if self.cv_tasks < -1:
+            raise ConfigError(f"cv_tasks must be >= 0 (or -1: the protocol's), got {self.cv_tasks}")
+        if self.benchmark == "split_omniglot" and self.test_per_task:
+            raise ConfigError(
+                "test_per_task does not apply to split_omniglot: its test set is the drawings "
+                "left after train_per_task (of 20 per character)"
+            )
+        if self.model == "conv4" and self.benchmark != "split_omniglot":
+            raise ConfigError("model=conv4 needs image inputs: use benchmark=split_omniglot")
+        return self
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """The benchmark's published settings with this configuration's overrides applied:
+        ``epochs``, ``batch_size``, ``cv_tasks`` and the builder's keyword arguments."""
+        if self.benchmark == "split_omniglot":
+            base = {"epochs": 1, "batch_size": 10, "cv_tasks": 0, "kwargs": {}}
+        else:
+            p = PROTOCOLS[self.benchmark]
+            base = {"epochs": p.epochs, "batch_size": p.batch_size, "cv_tasks": p.cv_tasks,
+                    "kwargs": dict(p.kwargs)}
+        if self.epochs:
+            base["epochs"] = self.epochs
+        if self.batch_size:
+            base["batch_size"] = self.batch_size
+        if self.cv_tasks >= 0:
+            base["cv_tasks"] = self.cv_tasks
+        kwargs = base["kwargs"]
+        if self.tasks:
+            kwargs["num_tasks"] = self.tasks
+        if self.train_per_task:
+            key = "train_drawings" if self.benchmark == "split_omniglot" else "train_per_task"
+            kwargs[key] = self.train_per_task
+        if self.test_per_task and self.benchmark != "split_omniglot":
+            kwargs["test_per_task"] = self.test_per_task
+        return base
 
 _LAMAML_SCRIPTS = {
     # benchmark: {variant: settings of the authors' run_experiments.sh}

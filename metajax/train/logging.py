@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 from tqdm import tqdm
 
 
@@ -18,16 +20,24 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.flush()
 
 
-def to_jsonable(value):
-    """Scalars of numpy/JAX as Python numbers; NaN and infinities as strings (valid JSON)."""
+def to_jsonable(value, digits: int | None = None):
+    """Scalars of numpy/JAX as Python numbers; NaN and infinities as strings (valid JSON).
+
+    With ``digits``, every array becomes a (nested) list of floats and every float is rounded
+    to that many decimals (the continual run files); without, values are kept as they are.
+    """
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, digits) for v in value]
+    if digits is not None and isinstance(value, np.ndarray | jax.Array):
+        return to_jsonable(np.asarray(value, np.float64).round(digits).tolist(), digits)
     if hasattr(value, "item") and getattr(value, "size", 1) == 1:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if digits is not None and isinstance(value, float):
+        return round(value, digits)
     return value
 
 

@@ -11,6 +11,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,32 @@ import optax
 
 from metajax.task_map import map_tasks
 from metajax.train.checkpoint import save_params
-from metajax.train.config import Config
 from metajax.train.logging import append_jsonl, progress_bar
-from metajax.types import Learner, PyTree
+from metajax.types import Learner, Problem, PyTree
+
+
+class RunConfig(Protocol):
+    """What the training loop reads of a configuration (:class:`metajax.presets.config.Config`
+    has it all): the run's length and cadence, the task shapes, the seed, and its JSON."""
+
+    steps: int
+    log_every: int
+    eval_every: int
+    eval_tasks: int
+    eval_queries: int
+    time_budget_s: float
+    seed: int
+    meta_batch_size: int
+    shots: int
+    queries: int
+    inner_lr: float
+    outer_lr: float
+
+    @property
+    def test_inner_steps(self) -> int: ...
+
+    def to_json(self) -> str: ...
+
 
 PARAMS_FILE = "meta_params.msgpack"
 BEST_PARAMS_FILE = "best_meta_params.msgpack"
@@ -33,23 +57,21 @@ def make_train_chunk(
     learner: Learner,
     optimizer: optax.GradientTransformation,
     sample_tasks: Callable[[jax.Array], PyTree],
-    meta_grad_schedule: Callable[[jax.Array], dict] | None = None,
 ) -> Callable:
     """A jitted ``chunk(meta_params, opt_state, key, start, length)`` running ``length`` steps.
 
     Meta-step ``s`` samples its tasks on device with ``fold_in(key, s)``, takes the
     meta-gradient and applies the optimiser; ``length`` steps run in one ``lax.scan``, so a
     whole chunk is one compiled call with no host round-trip. The result does not depend on
-    how the run is cut into chunks. ``meta_grad_schedule(step) -> kwargs`` passes
-    step-dependent keyword arguments to ``meta_grad`` (MAML++'s annealing). Returns
+    how the run is cut into chunks. ``meta_grad`` receives the (traced) meta-step as
+    ``step=``, for learners built with schedules (MAML++'s annealing). Returns
     ``(meta_params, opt_state, metrics)`` where each metric has a leading ``[length]`` axis.
     """
 
     def meta_step(carry, step):
         meta_params, opt_state, key = carry
         tasks = sample_tasks(jax.random.fold_in(key, step))
-        kwargs = meta_grad_schedule(step) if meta_grad_schedule else {}
-        grads, metrics = learner.meta_grad(meta_params, tasks, **kwargs)
+        grads, metrics = learner.meta_grad(meta_params, tasks, step=step)
         updates, opt_state = optimizer.update(grads, opt_state, meta_params)
         meta_params = optax.apply_updates(meta_params, updates)
         return (meta_params, opt_state, key), metrics
@@ -65,7 +87,7 @@ def make_train_chunk(
     return chunk
 
 
-def make_evaluator(learner: Learner, problem, batch_tasks: int = 20,
+def make_evaluator(learner: Learner, problem: Problem, batch_tasks: int = 20,
                    task_map=None) -> Callable:
     """A jitted ``evaluate(meta_params, key, num_tasks, shots, queries, inner_steps, split)``.
 
@@ -117,14 +139,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 def train(
-    config: Config,
-    problem,
+    config: RunConfig,
+    problem: Problem,
     learner: Learner,
     optimizer: optax.GradientTransformation,
     run_dir: str | Path,
     *,
     progress: bool = True,
-    meta_grad_schedule: Callable[[jax.Array], dict] | None = None,
 ) -> dict:
     """Train ``learner`` on ``problem`` for ``config.steps`` meta-steps, logging to ``run_dir``.
 
@@ -153,7 +174,7 @@ def train(
         return problem.sample_tasks(key, config.meta_batch_size, config.shots, config.queries,
                                     "train")
 
-    chunk = make_train_chunk(learner, optimizer, sample, meta_grad_schedule)
+    chunk = make_train_chunk(learner, optimizer, sample)
     evaluate = make_evaluator(learner, problem)
     metric = problem.metric_name
     higher_is_better = metric == "accuracy"
@@ -216,7 +237,7 @@ def train(
 def evaluate_run(
     meta_params: PyTree,
     learner: Learner,
-    problem,
+    problem: Problem,
     *,
     tasks: int,
     shots: int,
@@ -243,13 +264,13 @@ def evaluate_run(
             "queries": queries, "seed": seed}
 
 
-def run_config_matches(run_dir: Path, config: Config) -> bool:
+def run_config_matches(run_dir: Path, config: RunConfig) -> bool:
     """Whether ``run_dir`` is empty of runs or holds a run of this same configuration."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         return True
     try:
-        existing = Config.from_json_file(path)
+        existing = type(config).from_json_file(path)
     except Exception:
         return False
     return dataclasses.asdict(existing) == dataclasses.asdict(config)

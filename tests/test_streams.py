@@ -1,4 +1,6 @@
-"""Continual-learning streams on tiny synthetic MNIST, CIFAR-100 and Omniglot arrays."""
+"""Continual-learning streams (``metajax.data.streams``, the rotation of
+``metajax.data.transforms``, the protocols of ``metajax.presets.protocols``) on tiny synthetic
+MNIST, CIFAR-100 and Omniglot arrays."""
 
 from __future__ import annotations
 
@@ -11,23 +13,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metajax.continual import stream as st
-from metajax.continual.stream import (
-    PROTOCOLS,
-    Stream,
+from metajax.data.cifar100 import CIFAR100
+from metajax.data.mnist import MNIST
+from metajax.data.omniglot import OmniglotArrays
+from metajax.data.streams import (
     many_permutations_mnist,
     permuted_mnist,
-    protocol_stream,
-    rotate_images,
     rotated_mnist,
     rotation_angles,
     split_cifar100,
     split_omniglot,
     task_permutations,
 )
-from metajax.data.cifar100 import CIFAR100
-from metajax.data.mnist import MNIST
-from metajax.data.omniglot import OmniglotArrays
+from metajax.data.transforms import rotate_images
+from metajax.presets import protocols as st
+from metajax.presets.protocols import PROTOCOLS, protocol_stream
+from metajax.types import Stream
 
 N_TRAIN, N_TEST = 60, 25
 

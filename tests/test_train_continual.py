@@ -15,18 +15,17 @@ from PIL import Image
 from test_mnist import idx_bytes, spec
 
 from metajax.cli import main
-from metajax.continual.experiment import (
-    ContinualConfig,
-    build_learner,
-    build_model,
+from metajax.data import mnist
+from metajax.presets.build_continual import (
+    build_continual_learner,
+    build_continual_model,
     build_stream,
     run_experiment,
-    save_heatmap,
 )
-from metajax.continual.stream import Stream
-from metajax.data import mnist
-from metajax.presets.continual import CONTINUAL_PRESETS, get_continual_preset
+from metajax.presets.continual import CONTINUAL_PRESETS, ContinualConfig, get_continual_preset
 from metajax.train.config import ConfigError
+from metajax.train.continual import save_heatmap
+from metajax.types import Stream
 
 SMALL = ["--set", "tasks=3", "--set", "train_per_task=20", "--set", "test_per_task=10",
          "--set", "lca_batches=2", "--no-progress"]
@@ -67,8 +66,8 @@ def test_every_preset_is_valid_and_builds_its_learner():
         config = get_continual_preset(name).validate()
         assert config.preset == name
         stream = tiny_stream(mask=config.benchmark == "split_omniglot")
-        _, apply_fn = build_model(config, stream)
-        learner = build_learner(config, stream, apply_fn)
+        _, apply_fn = build_continual_model(config, stream)
+        learner = build_continual_learner(config, stream, apply_fn)
         assert callable(learner.init) and callable(learner.update)
 
 

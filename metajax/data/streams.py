@@ -11,8 +11,10 @@ A :class:`Stream` holds every task's training and test examples in arrays of one
   La-MAML).
 - :func:`split_omniglot`: one task per alphabet, task-aware logit masks.
 
-:data:`PROTOCOLS` names the published settings (tasks, examples per task, epochs, batch size,
-tasks reserved for hyper-parameter search) and :func:`protocol_stream` builds one.
+:data:`metajax.presets.protocols.PROTOCOLS` names the published settings (tasks, examples per
+task, epochs, batch size, tasks reserved for hyper-parameter search) and
+:func:`metajax.presets.protocols.protocol_stream` builds one. The :class:`~metajax.types.Stream`
+type lives in :mod:`metajax.types`, the image rotation in :mod:`metajax.data.transforms`.
 
 Conventions shared by all builders:
 
@@ -31,49 +33,20 @@ Conventions shared by all builders:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
 
 from metajax.data.cifar100 import CIFAR100, NUM_CLASSES
 from metajax.data.mnist import MNIST
 from metajax.data.omniglot import OmniglotArrays
+from metajax.data.transforms import RESAMPLES, rotate_images
+from metajax.types import Stream
 
-RESAMPLES = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
 ANGLE_SCHEMES = ("gem", "even")
 CLASS_ORDERS = ("sequential", "random")
 
 # Purposes of the per-task random generators (see the module docstring).
 _PERMUTATION, _ANGLE, _TRAIN, _TEST, _CLASSES, _CHARACTERS, _DRAWINGS = range(7)
-
-
-class Stream(NamedTuple):
-    """A sequence of tasks, every array with a leading task axis.
-
-    Attributes:
-      train_x: ``[tasks, n_train, *features]`` float32 (``features``: ``784`` for MNIST,
-        ``32, 32, 3`` for CIFAR-100, ``size, size, 1`` for Omniglot).
-      train_y: ``[tasks, n_train]`` int32 class labels in ``[0, num_classes)``.
-      test_x: ``[tasks, n_test, *features]`` float32.
-      test_y: ``[tasks, n_test]`` int32.
-      num_classes: the size of the output layer.
-      class_mask: ``[tasks, num_classes]`` bool, the classes each task may predict
-        (task-aware evaluation: logits outside the mask are set to ``-inf``), or ``None``
-        when every task shares all outputs (task-agnostic, single head).
-    """
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
-    class_mask: np.ndarray | None = None
-
-    @property
-    def num_tasks(self) -> int:
-        """The number of tasks (the leading axis)."""
-        return self.train_x.shape[0]
 
 
 # --- MNIST streams --------------------------------------------------------------------------
@@ -143,37 +116,6 @@ def rotation_angles(
     else:
         raise ValueError(f"scheme={scheme!r}: use one of {ANGLE_SCHEMES}")
     return lo + (np.arange(num_tasks) + offsets) * width
-
-
-def rotate_images(images: np.ndarray, angle: float, *, resample: str = "nearest") -> np.ndarray:
-    """``images`` rotated by ``angle`` degrees counter-clockwise about their centre.
-
-    The result equals PIL's ``Image.rotate(angle, resample)`` on each image (same size, the
-    uncovered corners filled with 0), the operation of GEM's ``rotate_dataset``, which uses
-    PIL's default nearest-neighbour resampling. Instead of calling PIL once per image, PIL
-    rotates each of the ``H*W`` unit images once; that gives the (sparse) linear map of the
-    rotation, which is then applied to all images with numpy. With ``"nearest"`` the result
-    is exactly PIL's; with ``"bilinear"`` it is PIL's bilinear filter computed in float32
-    (PIL on 8-bit images truncates the result to an integer, this does not).
-
-    Args:
-      images: ``[n, H, W]`` pixels, any real dtype.
-      angle: degrees, counter-clockwise.
-      resample: ``"nearest"`` (GEM) or ``"bilinear"``.
-
-    Returns:
-      float32 ``[n, H, W]`` in the units of ``images``.
-    """
-    images = np.asarray(images)
-    if images.ndim != 3:
-        raise ValueError(f"images of shape {images.shape}: give [n, H, W]")
-    n, h, w = images.shape
-    index, weight = _rotation_taps(h, w, float(angle), resample)
-    flat = images.reshape(n, h * w).astype(np.float32)
-    out = np.zeros((n, h * w), np.float32)
-    for k in range(index.shape[1]):
-        out += flat[:, index[:, k]] * weight[:, k]
-    return out.reshape(n, h, w)
 
 
 def permuted_mnist(
@@ -555,133 +497,6 @@ def split_omniglot(
     return stream
 
 
-# --- Published protocols --------------------------------------------------------------------
-
-
-class Protocol(NamedTuple):
-    """A published continual-learning setting.
-
-    Attributes:
-      benchmark: the builder in this module (a key of :data:`BUILDERS`).
-      kwargs: its arguments (``seed`` is given separately).
-      epochs: passes over each task's training rows.
-      batch_size: training examples per update.
-      cv_tasks: leading tasks reserved for hyper-parameter search and left out of the
-        reported metrics (A-GEM's protocol); 0 when none are.
-      reference: the paper and code the setting comes from, and what is uncertain.
-    """
-
-    benchmark: str
-    kwargs: dict[str, Any]
-    epochs: int
-    batch_size: int
-    cv_tasks: int
-    reference: str
-
-
-_GEM = "Lopez-Paz & Ranzato 2017 (GEM), run_experiments.sh and data/*.py"
-_LAMAML = (
-    "Gupta, Yadav & Paull 2020 (La-MAML), run_experiments.sh, on MER's prebuilt files "
-    "(Riemer et al. 2019), taken to be built by GEM's scripts"
-)
-
-PROTOCOLS: dict[str, Protocol] = {
-    "gem_permuted_mnist": Protocol(
-        "permuted_mnist",
-        {"num_tasks": 20, "train_per_task": 1000, "test_per_task": 10000},
-        1,
-        10,
-        0,
-        _GEM,
-    ),
-    "gem_rotated_mnist": Protocol(
-        "rotated_mnist",
-        {"num_tasks": 20, "train_per_task": 1000, "test_per_task": 10000, "angles": "gem"},
-        1,
-        10,
-        0,
-        _GEM,
-    ),
-    "gem_split_cifar100": Protocol(
-        "split_cifar100", {"num_tasks": 20, "class_order": "sequential"}, 1, 10, 0, _GEM
-    ),
-    "lamaml_permuted_mnist": Protocol(
-        "permuted_mnist",
-        {"num_tasks": 20, "train_per_task": 1000, "test_per_task": 10000},
-        1,
-        10,
-        0,
-        _LAMAML,
-    ),
-    "lamaml_rotated_mnist": Protocol(
-        "rotated_mnist",
-        {"num_tasks": 20, "train_per_task": 1000, "test_per_task": 10000, "angles": "gem"},
-        1,
-        10,
-        0,
-        _LAMAML,
-    ),
-    "lamaml_many_permutations": Protocol(
-        "many_permutations_mnist",
-        {"num_tasks": 100, "train_per_task": 200, "test_per_task": 10000},
-        1,
-        10,
-        0,
-        _LAMAML + "; the test images per task in MER's file are not documented (we use all)",
-    ),
-    "lamaml_split_cifar100": Protocol(
-        "split_cifar100",
-        {"num_tasks": 20, "class_order": "random", "train_per_task": 2250},
-        10,
-        10,
-        0,
-        "Gupta, Yadav & Paull 2020 (La-MAML), run_experiments.sh, multiple-pass setting "
-        "(--n_epochs 10; the single-pass setting uses 1); 10% of the training images held "
-        "out for validation (--validation 0.1), approximated by 2250 random images per task",
-    ),
-    "agem_permuted_mnist": Protocol(
-        "permuted_mnist",
-        {
-            "num_tasks": 20,
-            "train_per_task": None,
-            "test_per_task": 10000,
-            "validation_size": 5000,
-        },
-        1,
-        10,
-        3,
-        "Chaudhry, Ranzato, Rohrbach & Elhoseiny 2019 (A-GEM), fc_permute_mnist.py and "
-        "utils/data_utils.py: every one of TensorFlow's 55,000 training images per task "
-        "(the first 5000 are its validation split); 3.4 GB of float32 for 20 tasks",
-    ),
-}
-
-
-def protocol_stream(name: str, data: MNIST | CIFAR100, *, seed: int = 0, **overrides) -> Stream:
-    """The :class:`Stream` of the published protocol ``name`` (a key of :data:`PROTOCOLS`).
-
-    Args:
-      name: e.g. ``"gem_permuted_mnist"``; see :data:`PROTOCOLS` for the settings and their
-        sources.
-      data: the data set the benchmark needs (MNIST or CIFAR-100).
-      seed: the stream's randomness.
-      overrides: builder arguments replacing the protocol's (e.g. ``test_per_task=1000``).
-    """
-    if name not in PROTOCOLS:
-        raise ValueError(f"protocol {name!r} is unknown; use one of {sorted(PROTOCOLS)}")
-    protocol = PROTOCOLS[name]
-    return BUILDERS[protocol.benchmark](data, seed=seed, **{**protocol.kwargs, **overrides})
-
-
-BUILDERS: dict[str, Callable[..., Stream]] = {
-    "permuted_mnist": permuted_mnist,
-    "rotated_mnist": rotated_mnist,
-    "many_permutations_mnist": many_permutations_mnist,
-    "split_cifar100": split_cifar100,
-    "split_omniglot": split_omniglot,
-}
-
-
 # --- helpers --------------------------------------------------------------------------------
 
 
@@ -713,20 +528,3 @@ def _subset(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n == len(pool):
         return pool
     return np.sort(rng.choice(pool, n, replace=False))
-
-
-def _rotation_taps(h: int, w: int, angle: float, resample: str) -> tuple[np.ndarray, np.ndarray]:
-    """(source pixel ``[H*W, K]``, weight ``[H*W, K]``) of every output pixel of a rotation."""
-    if resample not in RESAMPLES:
-        raise ValueError(f"resample={resample!r}: use one of {tuple(RESAMPLES)}")
-    unit = np.zeros((h, w), np.float32)
-    columns = np.empty((h * w, h * w), np.float32)  # columns[i]: where pixel i goes
-    for i in range(h * w):
-        unit.flat[i] = 1.0
-        rotated = Image.fromarray(unit).rotate(angle, resample=RESAMPLES[resample])
-        columns[i] = np.asarray(rotated).ravel()
-        unit.flat[i] = 0.0
-    linear = columns.T  # linear[o, i]: weight of input pixel i in output pixel o
-    taps = max(1, int((linear != 0).sum(axis=1).max()))
-    index = np.argsort(linear == 0, axis=1, kind="stable")[:, :taps]
-    return index, np.take_along_axis(linear, index, axis=1)

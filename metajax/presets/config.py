@@ -1,0 +1,147 @@
+"""The meta-learning run configuration: every field a ``metajax train`` run is built from,
+each a ``--set`` key, with its validation (the algorithm, data set, solver and model choices
+come from the modules that define them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from metajax.data.omniglot import SPLIT_PROTOCOLS as OMNIGLOT_SPLITS
+from metajax.meta.imaml import INNER_SOLVERS
+from metajax.nn.conv4 import NORMS, READOUTS
+from metajax.train.config import ConfigError, FlatConfig
+
+DATASETS = ("sinusoid", "omniglot", "miniimagenet")
+OUTER_OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(FlatConfig):
+    """Everything that defines a run. ``metajax train --set key=value`` sets any field.
+
+    Attributes:
+      preset: the preset this configuration started from.
+      dataset: ``sinusoid``, ``omniglot`` or ``miniimagenet``.
+      algorithm: one of ``maml``, ``fomaml``, ``reptile``, ``metasgd``, ``anil``, ``imaml``,
+        ``mamlpp``.
+      ways: classes per task (N) for classification; unused by sinusoid.
+      shots: support examples per task (K); per class for classification.
+      queries: query examples per task (per class for classification) in training.
+      meta_batch_size: tasks per meta-step.
+      inner_lr: inner-loop step size (alpha); Meta-SGD's initial per-parameter rate.
+      inner_steps: inner-loop steps in training.
+      outer_lr: outer (meta) learning rate (beta).
+      outer_optimizer: ``adam`` or ``sgd``.
+      outer_lr_schedule: ``constant``, ``linear`` decay to zero over the run, or ``cosine``
+        decay to ``outer_lr / 100`` over the run (MAML++'s CA).
+      steps: meta-steps (outer updates).
+      seed: seeds initialisation, tasks and everything random in the run.
+      hidden: width of each hidden layer of the MLP.
+      layers: number of hidden layers of the MLP.
+      log_every: meta-steps compiled into one call; metrics are logged once per call.
+      eval_every: meta-steps between validation evaluations (0: only at the end).
+      eval_tasks: tasks per validation evaluation.
+      eval_queries: query examples per task (per class) at evaluation.
+      eval_inner_steps: inner steps at validation and test (0: ``inner_steps``).
+      remat: rematerialise MAML's inner steps in the backward pass (less memory).
+      lam: iMAML's proximal strength lambda.
+      cg_steps: iMAML's conjugate-gradient iterations.
+      cg_damping, lam_damping: iMAML's backward-system stabilisers, see :func:`metajax.imaml`.
+      inner_solver: iMAML's inner solver, ``gd`` (fixed steps of ``inner_lr``) or
+        ``backtracking`` (steps that shrink when the proximal loss would not fall).
+      msl: MAML++ multi-step loss.
+      lslr: MAML++ learnable per-layer per-step inner learning rates.
+      bnwb: MAML++ per-step batch-norm scale and bias (meta-learned, one copy per inner step).
+      iters_per_epoch: meta-steps per MAML++ "epoch" (its schedules count epochs).
+      msl_anneal_epochs: epochs over which MSL weights move to the final step.
+      first_order_epochs: MAML++ derivative-order annealing: first order for this many
+        epochs, then second order (0: second order throughout).
+      time_budget_s: stop after the first chunk that ends past this many seconds of training
+        (0: no budget); the run is then shorter than ``steps`` and says so.
+      data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+      norm: Conv4 normalisation: ``batch`` (current-batch statistics in training and
+        evaluation, as the MAML reference: transductive), ``layer`` (per-example statistics:
+        non-transductive) or ``none``.
+      readout: Conv4 features for the head, ``flatten`` (every position; iMAML's released
+        code) or ``mean`` (averaged over positions; the MAML reference for Omniglot).
+      split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
+        ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
+    """
+
+    preset: str = "custom"
+    dataset: str = "sinusoid"
+    algorithm: str = "maml"
+    ways: int = 5
+    shots: int = 10
+    queries: int = 10
+    meta_batch_size: int = 25
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    outer_lr: float = 1e-3
+    outer_optimizer: str = "adam"
+    outer_lr_schedule: str = "constant"
+    steps: int = 70_000
+    seed: int = 0
+    hidden: int = 40
+    layers: int = 2
+    log_every: int = 100
+    eval_every: int = 5_000
+    eval_tasks: int = 100
+    eval_queries: int = 100
+    eval_inner_steps: int = 0
+    remat: bool = False
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
+    inner_solver: str = "gd"
+    msl: bool = True
+    lslr: bool = True
+    bnwb: bool = False
+    iters_per_epoch: int = 500
+    msl_anneal_epochs: int = 10
+    first_order_epochs: int = 0
+    time_budget_s: float = 0.0
+    data_dir: str = ""
+    split: str = "maml"
+    norm: str = "batch"
+    readout: str = "flatten"
+
+    def validate(self) -> Config:
+        """Check every field; raise :class:`ConfigError` naming the field and the fix."""
+        from metajax.presets.build import ALGORITHMS  # the registry of meta-learners
+
+        self.check_types()
+        if self.dataset != "sinusoid" and self.ways < 2:
+            raise ConfigError(f"ways must be >= 2 for classification, got {self.ways!r}")
+        self.check_bounds(
+            positive=(
+                "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
+                "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries", "lam",
+                "cg_steps", "iters_per_epoch", "msl_anneal_epochs",
+            ),
+            non_negative=(
+                "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
+                "cg_damping", "lam_damping",
+            ),
+            choices={
+                "dataset": DATASETS,
+                "algorithm": ALGORITHMS,
+                "split": OMNIGLOT_SPLITS,
+                "outer_optimizer": OUTER_OPTIMIZERS,
+                "outer_lr_schedule": SCHEDULES,
+                "norm": NORMS,
+                "readout": READOUTS,
+                "inner_solver": INNER_SOLVERS,
+            },
+        )
+        if self.inner_solver != "gd" and self.algorithm != "imaml":
+            raise ConfigError(f"inner_solver={self.inner_solver!r} applies to imaml only; "
+                              f"{self.algorithm} takes plain gradient steps")
+        return self
+
+    @property
+    def test_inner_steps(self) -> int:
+        """Inner steps at validation and test."""
+        return self.eval_inner_steps or self.inner_steps

@@ -1,0 +1,209 @@
+"""The run layer of continual learning: train built pieces on a stream and write the run.
+
+:func:`train_continual` receives what :mod:`metajax.presets.build_continual` builds from a
+configuration (the learner, the stream, the model's ``init`` and ``apply``, the protocol's
+batch size and epochs), the way :func:`metajax.train.loop.train` receives a ``Problem``. It
+runs :func:`metajax.continual.run` and writes the run directory:
+
+- ``config.json``: the configuration (given as JSON text);
+- ``tasks.jsonl``: one line per finished task (its accuracy row), written as the run goes,
+  so an interrupted run keeps what it measured;
+- ``acc_matrix.json``: the accuracy matrix (per seed with several seeds) and the initial
+  accuracies;
+- ``acc_matrix.png``: a heatmap of the (seed-averaged) accuracy matrix;
+- ``metrics.json``: every metric of :func:`metajax.continual.metrics` (mean, std and per seed
+  with several seeds), the wall time, the learner's training metrics per task.
+
+Nothing here knows an algorithm or a benchmark by name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from metajax._files import atomic_write
+from metajax.continual.learners import ContinualLearner
+from metajax.continual.run import run
+from metajax.train.logging import to_jsonable
+from metajax.train.loop import CONFIG_FILE
+from metajax.types import Stream
+
+TASKS_FILE = "tasks.jsonl"
+MATRIX_FILE = "acc_matrix.json"
+HEATMAP_FILE = "acc_matrix.png"
+SUMMARY_FILE = "metrics.json"
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _json_ready(value):
+    return to_jsonable(value, digits=6)
+
+
+def train_continual(
+    learner: ContinualLearner,
+    stream: Stream,
+    init: Callable[[jax.Array], Any],
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    run_dir: str | Path,
+    *,
+    batch_size: int,
+    epochs: int,
+    lca_batches: int,
+    seeds: int = 1,
+    seed: int = 0,
+    config_json: str = "{}",
+    labels: dict[str, str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``learner`` on ``stream`` task after task and write ``run_dir``.
+
+    Args:
+      learner: a :class:`~metajax.continual.ContinualLearner`.
+      stream: the :class:`~metajax.types.Stream` to learn.
+      init: ``init(key) -> params`` of the model.
+      apply_fn: ``apply(params, x) -> logits``.
+      run_dir: the run directory (created if missing).
+      batch_size: examples per update.
+      epochs: passes over each task.
+      lca_batches: LCA's beta (0 skips LCA).
+      seeds: independent runs, trained at once under ``vmap``.
+      seed: seed of the run's keys.
+      config_json: the configuration, written as ``config.json``.
+      labels: ``preset``, ``learner`` and ``benchmark`` names, copied into the summary and
+        the heatmap title (missing ones are left out).
+      progress: show a progress bar over tasks.
+      log: called with one line describing the run before it starts.
+
+    Returns:
+      The summary printed by ``metajax continual``: ``avg_accuracy`` (ACC, La-MAML's RA),
+      ``forgetting`` (A-GEM's), ``bwt`` (BTI), ``fwt``, ``lca`` (when ``lca_batches``), their
+      standard deviations over seeds (``std``), the seed-mean ``acc_matrix``, ``tasks``,
+      ``seeds``, the ``labels``, ``wall_s`` and ``run_dir``.
+    """
+    labels = dict(labels or {})
+    say = log or (lambda message: None)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(run_dir / CONFIG_FILE, config_json)
+    say(f"{labels.get('preset', 'custom')}: {labels.get('learner', 'learner')} on "
+        f"{labels.get('benchmark', 'stream')}, {stream.num_tasks} tasks of "
+        f"{stream.train_y.shape[1]} examples, {seeds} seed(s) -> {run_dir}")
+
+    tasks_path = run_dir / TASKS_FILE
+    tasks_path.write_text("")
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=stream.num_tasks, desc="tasks", unit="task")
+
+    def on_task(t: int, row: np.ndarray) -> None:
+        mean_row = row if row.ndim == 1 else row.mean(axis=0)
+        record = {"task": t, "acc": _json_ready(row),
+                  "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), 6),
+                  "wall_s": round(time.perf_counter() - start, 3)}
+        with tasks_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.set_postfix(acc=f"{record['mean_acc_so_far']:.4f}")
+            bar.update(1)
+
+    seed_list = list(range(seeds)) if seeds > 1 else None
+    try:
+        result = run(
+            learner, stream, jax.random.PRNGKey(seed),
+            params=init, apply_fn=apply_fn, batch_size=batch_size,
+            epochs=epochs, lca_batches=lca_batches, seeds=seed_list,
+            on_task=on_task,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - start
+
+    R = result["acc_matrix"]
+    mean_R = R if R.ndim == 2 else R.mean(axis=0)
+    _write_text(run_dir / MATRIX_FILE, json.dumps(_json_ready({
+        "acc_matrix": R,
+        "random_init_acc": result["random_init_acc"],
+        "rows": "after training task i", "columns": "accuracy on task j",
+        "seeds": seed_list or [None],
+    })) + "\n")
+    save_heatmap(mean_R, run_dir / HEATMAP_FILE,
+                 title=f"{labels.get('preset', 'custom')}: {labels.get('learner', '')}, "
+                       f"ACC {mean_R[-1].mean():.3f}")
+    names = ("acc", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca")
+    summary: dict[str, Any] = {
+        "avg_accuracy": result["acc"],
+        "forgetting": result.get("forgetting"),
+        "bwt": result.get("bwt"),
+        "fwt": result.get("fwt"),
+        "lca": result.get("lca"),
+    }
+    if seed_list is not None:
+        summary["std"] = {
+            ("avg_accuracy" if k == "acc" else k): v
+            for k, v in result["std"].items() if k in names
+        }
+    summary.update({"acc_matrix": mean_R, "tasks": stream.num_tasks, "seeds": seeds})
+    summary.update({k: labels[k] for k in ("learner", "benchmark", "preset") if k in labels})
+    summary.update({"wall_s": wall, "run_dir": str(run_dir)})
+    full = {k: v for k, v in result.items() if k not in ("acc_matrix", "random_init_acc")}
+    full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
+    _write_text(run_dir / SUMMARY_FILE, json.dumps(_json_ready(full), indent=1) + "\n")
+    return _json_ready(summary)
+
+
+def save_heatmap(matrix: np.ndarray, path: str | Path, *, title: str = "") -> None:
+    """Write the accuracy matrix as a PNG heatmap (rows: after training task i; columns:
+    task j), with values printed in the cells when they fit. Uses Pillow only."""
+    from PIL import Image, ImageDraw
+
+    R = np.asarray(matrix, np.float64)
+    T = R.shape[0]
+    cell = max(8, min(48, 960 // max(T, 1)))
+    margin_left, margin_top = 60, 40
+    width = max(margin_left + T * cell + 10, 7 * len(title) + 10)
+    height = margin_top + T * cell + 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 8), title, fill="black")
+    for i in range(T):
+        for j in range(T):
+            v = float(np.clip(R[i, j], 0.0, 1.0))
+            color = _viridis(v)
+            x0, y0 = margin_left + j * cell, margin_top + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color)
+            if cell >= 32:
+                ink = "black" if v > 0.6 else "white"
+                draw.text((x0 + 3, y0 + cell // 3), f"{100 * R[i, j]:.0f}", fill=ink)
+    draw.text((4, margin_top), "after\ntask i", fill="black")
+    draw.text((margin_left, margin_top + T * cell + 8), "accuracy on task j ->", fill="black")
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+_VIRIDIS = np.array([
+    [68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
+    [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37],
+], np.float64)
+
+
+def _viridis(v: float) -> tuple[int, int, int]:
+    position = v * (len(_VIRIDIS) - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, len(_VIRIDIS) - 1)
+    mix = position - low
+    rgb = (1 - mix) * _VIRIDIS[low] + mix * _VIRIDIS[high]
+    return tuple(int(round(c)) for c in rgb)
