@@ -173,11 +173,15 @@ def mamlpp_schedules(config: Config) -> dict[str, Callable[[jax.Array], jax.Arra
 
 
 def build_optimizer(config: Config) -> optax.GradientTransformation:
-    """The outer optimiser with its learning-rate schedule."""
+    """The outer optimiser with its learning-rate schedule, after clipping the meta-gradient
+    to ``config.grad_clip_norm`` when that is set."""
     if config.outer_lr_schedule == "linear":
         lr = optax.linear_schedule(config.outer_lr, 0.0, config.steps)
     elif config.outer_lr_schedule == "cosine":
         lr = optax.cosine_decay_schedule(config.outer_lr, config.steps, alpha=0.01)
     else:
         lr = config.outer_lr
-    return {"adam": optax.adam, "sgd": optax.sgd}[config.outer_optimizer](lr)
+    optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.outer_optimizer](lr)
+    if config.grad_clip_norm:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+    return optimizer

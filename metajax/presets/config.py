@@ -14,6 +14,8 @@ from metajax.train.config import ConfigError, FlatConfig
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+ON_NAN = ("stop", "skip")
+MAX_ELEMENTS = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +69,25 @@ class Config(FlatConfig):
         code) or ``mean`` (averaged over positions; the MAML reference for Omniglot).
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
         ``alphabets`` (background / evaluation alphabets); see ``metajax.data.omniglot``.
+      grad_clip_norm: clip the outer (meta-)gradient to this global norm before the outer
+        optimiser (0: no clipping).
+      on_nan: a meta-step whose loss, parameters or optimiser state would become NaN or
+        infinite is never applied; ``stop`` then ends the run (exit status 2, the last good
+        checkpoint kept), ``skip`` goes on and counts the skipped steps.
+      checkpoint_every: meta-steps between checkpoints of the whole training state (0: by
+        time only); rounded up to the end of a logging chunk.
+      checkpoint_seconds: seconds between checkpoints (0: by step count only). A checkpoint
+        is also written at the end, at each validation and on SIGINT / SIGTERM.
+      keep_checkpoints: how many of the latest checkpoints to keep (the best one by
+        validation is kept too).
+
+    The stopping criteria (``steps``, ``time_budget_s``), where the data lives and how the
+    run guards and checkpoints itself (:attr:`RUN_CONTROL`) can change when a run is resumed;
+    every other field is part of the configuration's :meth:`fingerprint`.
     """
+
+    RUN_CONTROL = ("steps", "time_budget_s", "data_dir", "on_nan", "checkpoint_every",
+                   "checkpoint_seconds", "keep_checkpoints")
 
     preset: str = "custom"
     dataset: str = "sinusoid"
@@ -107,6 +127,11 @@ class Config(FlatConfig):
     split: str = "maml"
     norm: str = "batch"
     readout: str = "flatten"
+    grad_clip_norm: float = 0.0
+    on_nan: str = "stop"
+    checkpoint_every: int = 0
+    checkpoint_seconds: float = 300.0
+    keep_checkpoints: int = 3
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -119,11 +144,12 @@ class Config(FlatConfig):
             positive=(
                 "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
                 "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries", "lam",
-                "cg_steps", "iters_per_epoch", "msl_anneal_epochs",
+                "cg_steps", "iters_per_epoch", "msl_anneal_epochs", "keep_checkpoints",
             ),
             non_negative=(
                 "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
-                "cg_damping", "lam_damping",
+                "cg_damping", "lam_damping", "grad_clip_norm", "checkpoint_every",
+                "checkpoint_seconds",
             ),
             choices={
                 "dataset": DATASETS,
@@ -134,12 +160,29 @@ class Config(FlatConfig):
                 "norm": NORMS,
                 "readout": READOUTS,
                 "inner_solver": INNER_SOLVERS,
+                "on_nan": ON_NAN,
             },
         )
+        per_batch = self.meta_batch_size * max(self.ways, 1) * max(
+            self.shots + self.queries, self.shots + self.eval_queries)
+        if per_batch > MAX_ELEMENTS:
+            raise ConfigError(
+                f"a meta-batch of {self.meta_batch_size} tasks x {self.ways} ways x "
+                f"{self.shots}+{max(self.queries, self.eval_queries)} examples is {per_batch} "
+                f"examples, more than this machine can index ({MAX_ELEMENTS}); lower "
+                "meta_batch_size, shots or queries"
+            )
         if self.inner_solver != "gd" and self.algorithm != "imaml":
             raise ConfigError(f"inner_solver={self.inner_solver!r} applies to imaml only; "
                               f"{self.algorithm} takes plain gradient steps")
         return self
+
+    def run_control(self) -> tuple[str, ...]:
+        """:attr:`RUN_CONTROL`, less ``steps`` when the outer learning rate decays over the
+        run's steps (then ``steps`` changes the result)."""
+        if self.outer_lr_schedule != "constant":
+            return tuple(k for k in self.RUN_CONTROL if k != "steps")
+        return self.RUN_CONTROL
 
     @property
     def test_inner_steps(self) -> int:

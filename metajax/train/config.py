@@ -6,7 +6,9 @@ and :class:`metajax.presets.continual.ContinualConfig`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,12 +18,22 @@ class ConfigError(ValueError):
     """A configuration a run cannot start from; the message says what to change."""
 
 
+INT_RANGE = (-(2**31), 2**31 - 1)
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class FlatConfig:
     """Shared behaviour of flat, typed, frozen dataclass configurations.
 
     Field names are the ``--set`` keys; values are int, float, str or bool. Subclasses are
-    frozen dataclasses and define ``validate``.
+    frozen dataclasses and define ``validate``. Integers must fit in int32 and numbers must
+    be finite and representable in float32 (what the device computes with), so no value can
+    overflow later inside a compiled function. :attr:`RUN_CONTROL` names the fields that do
+    not change a run's result (stopping criteria, paths, checkpoint cadence): they are left
+    out of :meth:`fingerprint`, so a resumed run may change them.
     """
+
+    RUN_CONTROL: tuple[str, ...] = ()
 
     def check_types(self) -> None:
         """Raise :class:`ConfigError` when a field's value does not have the field's type."""
@@ -30,8 +42,14 @@ class FlatConfig:
             kind = _field_type(type(self), f)
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if kind is int and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+                raise ConfigError(f"{f.name}={value} is out of range: integers must lie in "
+                                  f"[{INT_RANGE[0]}, {INT_RANGE[1]}]")
             if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ConfigError(f"{f.name} must be a number, got {value!r}")
+            if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+                raise ConfigError(f"{f.name}={value!r} is not a finite float32 number "
+                                  f"(|x| <= {FLOAT32_MAX:.4g})")
             if kind is bool and not isinstance(value, bool):
                 raise ConfigError(f"{f.name} must be true or false, got {value!r}")
             if kind is str and not isinstance(value, str):
@@ -76,15 +94,49 @@ class FlatConfig:
         """The configuration as stable, indented JSON (what ``config.json`` holds)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
+    def run_control(self) -> tuple[str, ...]:
+        """The fields a resumed run may change: :attr:`RUN_CONTROL` (a subclass narrows it
+        when a field matters to this configuration, e.g. ``steps`` under a decaying
+        learning-rate schedule)."""
+        return self.RUN_CONTROL
+
+    def fingerprint(self) -> str:
+        """A hash of every field that changes the run's result (all but :meth:`run_control`)."""
+        control = self.run_control()
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in control}
+        text = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def differences(self, other: FlatConfig) -> list[str]:
+        """``key: this -> other`` for every result-changing field that differs."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        control = set(self.run_control()) & set(other.run_control())
+        return [f"{k}: {mine[k]!r} -> {theirs.get(k)!r}" for k in sorted(mine)
+                if k not in control and mine[k] != theirs.get(k)]
+
     @classmethod
     def from_json_file(cls, path: str | Path):
-        """Read a ``config.json`` written by :meth:`to_json`; unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
+        """Read a ``config.json`` written by :meth:`to_json`.
+
+        Raises:
+          ConfigError: naming the file, when it is not JSON, not an object, has unknown keys
+            or a value the schema rejects.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable configuration ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a configuration is a JSON object, got "
+                              f"{type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"{path}: unknown configuration keys {unknown}")
-        return cls(**data).validate()
+        try:
+            return cls(**data).validate()
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
 
 def _field_type(cls: type, field: dataclasses.Field) -> type:

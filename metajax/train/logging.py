@@ -16,26 +16,52 @@ from tqdm import tqdm
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one line of JSON and flush it, so a crash loses no written line."""
     with open(path, "a") as f:
-        f.write(json.dumps(to_jsonable(record), sort_keys=True) + "\n")
+        f.write(dumps(record, sort_keys=True) + "\n")
         f.flush()
 
 
-def to_jsonable(value, digits: int | None = None):
-    """Scalars of numpy/JAX as Python numbers; NaN and infinities as strings (valid JSON).
+def dumps(value, **kwargs) -> str:
+    """``json.dumps`` of :func:`to_jsonable` ``(value)``: always valid JSON (no bare NaN)."""
+    return json.dumps(to_jsonable(value), allow_nan=False, **kwargs)
 
-    With ``digits``, every array becomes a (nested) list of floats and every float is rounded
-    to that many decimals (the continual run files); without, values are kept as they are.
+
+def _nonfinite_name(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def to_jsonable(value, digits: int | None = None):
+    """Scalars of numpy/JAX as Python numbers, ready for strict JSON.
+
+    A NaN or infinite float becomes ``null``; in a dict, the key ``<key>_nonfinite`` then
+    says which value it was (``"nan"``, ``"inf"``, ``"-inf"``), so a file never holds a
+    bare ``NaN`` and never hides one. With ``digits``, every array becomes a (nested) list
+    of floats and every float is rounded to that many decimals (the continual run files);
+    without, values are kept as they are.
     """
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v, digits) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            converted = to_jsonable(v, digits)
+            out[str(k)] = converted
+            scalar = v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
+            if converted is None and isinstance(scalar, float) and not math.isfinite(scalar):
+                out[f"{k}_nonfinite"] = _nonfinite_name(scalar)
+        return out
     if isinstance(value, list | tuple):
         return [to_jsonable(v, digits) for v in value]
-    if digits is not None and isinstance(value, np.ndarray | jax.Array):
-        return to_jsonable(np.asarray(value, np.float64).round(digits).tolist(), digits)
+    if isinstance(value, np.ndarray | jax.Array) and getattr(value, "size", 1) != 1 or (
+        digits is not None and isinstance(value, np.ndarray | jax.Array)
+    ):
+        array = np.asarray(value)
+        if digits is not None or np.issubdtype(array.dtype, np.inexact):
+            array = np.asarray(array, np.float64)
+            if digits is not None:
+                array = array.round(digits)
+        return to_jsonable(array.tolist(), digits)
     if hasattr(value, "item") and getattr(value, "size", 1) == 1:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     if digits is not None and isinstance(value, float):
         return round(value, digits)
     return value

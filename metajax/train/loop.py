@@ -6,8 +6,11 @@ an optax optimiser and a task sampler.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,15 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metajax._files import atomic_write
 from metajax.task_map import map_tasks
-from metajax.train.checkpoint import save_params
-from metajax.train.logging import append_jsonl, progress_bar
+from metajax.train.checkpoint import Checkpoints, save_params
+from metajax.train.config import ConfigError
+from metajax.train.logging import append_jsonl, progress_bar, read_jsonl
 from metajax.types import Learner, Problem, PyTree
 
 
 class RunConfig(Protocol):
     """What the training loop reads of a configuration (:class:`metajax.presets.config.Config`
-    has it all): the run's length and cadence, the task shapes, the seed, and its JSON."""
+    has it all): the run's length and cadence, the task shapes, the seed, the guard and
+    checkpoint settings, its JSON and its fingerprint."""
 
     steps: int
     log_every: int
@@ -40,6 +46,12 @@ class RunConfig(Protocol):
     queries: int
     inner_lr: float
     outer_lr: float
+    on_nan: str
+    checkpoint_every: int
+    checkpoint_seconds: float
+    keep_checkpoints: int
+
+    def fingerprint(self) -> str: ...
 
     @property
     def test_inner_steps(self) -> int: ...
@@ -64,17 +76,28 @@ def make_train_chunk(
     meta-gradient and applies the optimiser; ``length`` steps run in one ``lax.scan``, so a
     whole chunk is one compiled call with no host round-trip. The result does not depend on
     how the run is cut into chunks. ``meta_grad`` receives the (traced) meta-step as
-    ``step=``, for learners built with schedules (MAML++'s annealing). Returns
-    ``(meta_params, opt_state, metrics)`` where each metric has a leading ``[length]`` axis.
+    ``step=``, for learners built with schedules (MAML++'s annealing).
+
+    Guard: a step whose meta-loss, new parameters or new optimiser state hold NaN or
+    infinity is not applied (the carry keeps the previous state); its ``applied`` metric is
+    False. The caller decides whether to stop or go on.
+
+    Returns ``(meta_params, opt_state, metrics)`` where each metric has a leading
+    ``[length]`` axis.
     """
 
     def meta_step(carry, step):
         meta_params, opt_state, key = carry
         tasks = sample_tasks(jax.random.fold_in(key, step))
         grads, metrics = learner.meta_grad(meta_params, tasks, step=step)
-        updates, opt_state = optimizer.update(grads, opt_state, meta_params)
-        meta_params = optax.apply_updates(meta_params, updates)
-        return (meta_params, opt_state, key), metrics
+        updates, new_opt_state = optimizer.update(grads, opt_state, meta_params)
+        new_params = optax.apply_updates(meta_params, updates)
+        applied = jnp.isfinite(metrics["meta_loss"]) & _all_finite((new_params, new_opt_state))
+        meta_params = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                   new_params, meta_params)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
+                                 new_opt_state, opt_state)
+        return (meta_params, opt_state, key), {**metrics, "applied": applied}
 
     @functools.partial(jax.jit, static_argnames="length", donate_argnums=(0, 1))
     def chunk(meta_params, opt_state, key, start, length):
@@ -85,6 +108,12 @@ def make_train_chunk(
         return meta_params, opt_state, metrics
 
     return chunk
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def make_evaluator(learner: Learner, problem: Problem, batch_tasks: int = 20,
@@ -123,19 +152,99 @@ def mean_ci95(values: np.ndarray) -> dict:
     return {"mean": float(values.mean()), "ci95": float(ci)}
 
 
-def flat_metrics(metrics: dict) -> dict:
-    """Chunk metrics as floats averaged over the chunk; a dict ``aux`` becomes ``query_<key>``."""
+def flat_metrics(metrics: dict, applied: np.ndarray | None = None) -> dict:
+    """Chunk metrics as floats averaged over the chunk's applied steps (all steps without
+    ``applied``); a dict ``aux`` becomes ``query_<key>``. A metric with no applied step is
+    None."""
+    def mean(value):
+        value = np.asarray(value)
+        if applied is not None:
+            value = value[np.asarray(applied, bool)]
+        return float(np.mean(value)) if value.size else None
+
     out = {}
     for key, value in metrics.items():
         if key == "aux" and isinstance(value, dict):
-            out.update({f"query_{k}": float(np.mean(v)) for k, v in value.items()})
+            out.update({f"query_{k}": mean(v) for k, v in value.items()})
         elif key != "aux":
-            out[key] = float(np.mean(value))
+            out[key] = mean(value)
     return out
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN or infinite meta-loss."""
+    """Training produced a NaN or infinite meta-loss, parameters or optimiser state (and
+    ``on_nan="stop"``); ``step`` is the first such meta-step, ``last_checkpoint`` the step
+    of the last good checkpoint (None when there is none)."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM ended the run; the state was checkpointed at ``step`` first."""
+
+    def __init__(self, message: str, step: int, signum: int):
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag the loop reads at the end of each chunk; a second SIGINT
+    raises ``KeyboardInterrupt`` at once. Only in the main thread (elsewhere: no-op)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"metajax: {signal.Signals(signum).name} received: saving a checkpoint at the "
+                 "end of this chunk (Ctrl-C again quits without saving)")
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the lines of ``metrics.jsonl`` up to ``step`` (later lines came from work a
+    resumed run does again; a torn last line is dropped)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] <= step:
+            kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _last_records(path: Path, metric: str) -> tuple[dict, dict]:
+    last, val = {}, {}
+    if path.exists():
+        for record in read_jsonl(path):
+            if f"val_{metric}" in record:
+                val = record
+            else:
+                last = record
+    return last, val
 
 
 def train(
@@ -146,29 +255,76 @@ def train(
     run_dir: str | Path,
     *,
     progress: bool = True,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``learner`` on ``problem`` for ``config.steps`` meta-steps, logging to ``run_dir``.
 
     ``run_dir`` receives ``config.json``, ``metrics.jsonl`` (one line per chunk of
-    ``config.log_every`` steps, plus validation lines) and ``meta_params.msgpack`` (written at
-    every validation and at the end); with a held-out validation split also
+    ``config.log_every`` steps, plus validation lines), ``meta_params.msgpack`` (the portable
+    export, written at every checkpoint) and ``checkpoints/`` (the whole training state,
+    :class:`~metajax.train.checkpoint.Checkpoints`); with a held-out validation split also
     ``best_meta_params.msgpack``, the parameters of the best validation score.
 
-    Training stops early, after a whole chunk, once ``config.time_budget_s`` is spent.
+    Checkpoints are written every ``config.checkpoint_every`` steps and every
+    ``config.checkpoint_seconds`` seconds (at the end of the chunk where either falls due),
+    at each validation, at the end and when SIGINT or SIGTERM arrives (then
+    :class:`Interrupted` is raised after the save). With ``resume``, training continues from
+    the latest checkpoint (its configuration fingerprint must match) and ends with the same
+    parameters, bit for bit, as a run never interrupted: chunks are cut at the same steps
+    and every step draws its tasks from ``fold_in(key, step)``. ``metrics.jsonl`` is cut
+    back to the checkpoint's step, so no step is logged twice or missed.
+
+    Non-finite steps are never applied (:func:`make_train_chunk`); with
+    ``config.on_nan == "stop"`` the first one raises :class:`NonFiniteLoss` (nothing more is
+    saved), with ``"skip"`` they are counted in the logs (``skipped_steps``).
+
+    Training stops early, after a whole chunk, once ``config.time_budget_s`` is spent (the
+    time of earlier attempts of a resumed run counts).
 
     Returns:
       The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s``, ``steps_per_s``,
-      ``stopped_by_time_budget`` and the last validation figure ``val_<metric>``.
+      ``stopped_by_time_budget``, ``skipped_steps``, ``resumed_from`` (the step training
+      started from) and the last validation figure ``val_<metric>``.
     """
+    say = log or (lambda message: print(message, file=sys.stderr))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(config.to_json())
     metrics_path = run_dir / METRICS_FILE
-    metrics_path.unlink(missing_ok=True)
+    on_nan, every, every_s = config.on_nan, config.checkpoint_every, config.checkpoint_seconds
+    fingerprint = config.fingerprint()
 
     k_init, k_train, k_val = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     meta_params = learner.init(problem.init_params(k_init))
     opt_state = optimizer.init(meta_params)
+    metric = problem.metric_name
+    higher_is_better = metric == "accuracy"
+    checkpoints = Checkpoints(
+        run_dir, keep=config.keep_checkpoints,
+        best_mode=("max" if higher_is_better else "min") if problem.has_validation else None,
+    )
+    step, wall_before, best, skipped, finished = 0, 0.0, None, 0, False
+    latest = checkpoints.latest_step() if resume else None
+    if latest is not None:
+        template = {"meta_params": meta_params, "opt_state": opt_state, "key": k_train}
+        state, record = checkpoints.restore(latest, template)
+        if record.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{checkpoints.directory / str(latest)}: checkpoint of another configuration "
+                f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}); choose "
+                "another --out"
+            )
+        meta_params, opt_state = state["meta_params"], state["opt_state"]
+        step, wall_before = int(record["step"]), float(record["wall_s"])
+        best, skipped = record.get("best"), int(record.get("skipped", 0))
+        finished = bool(record.get("finished"))
+        say(f"metajax: resuming {run_dir} from the checkpoint of step {step}")
+    if resume:
+        _truncate_metrics(metrics_path, step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(config.to_json().encode()))
+    resumed_from = step
 
     def sample(key):
         return problem.sample_tasks(key, config.meta_batch_size, config.shots, config.queries,
@@ -176,9 +332,6 @@ def train(
 
     chunk = make_train_chunk(learner, optimizer, sample)
     evaluate = make_evaluator(learner, problem)
-    metric = problem.metric_name
-    higher_is_better = metric == "accuracy"
-    best = None
 
     def validate(step):
         nonlocal best
@@ -186,51 +339,115 @@ def train(
                           config.eval_queries, config.test_inner_steps, "val")
         record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"]}
         append_jsonl(metrics_path, record)
-        save_params(run_dir / PARAMS_FILE, meta_params)
         score = record[f"val_{metric}"]
-        if problem.has_validation and (
+        if problem.has_validation and np.isfinite(score) and (
             best is None or (score > best if higher_is_better else score < best)
         ):
             best = score
             save_params(run_dir / BEST_PARAMS_FILE, meta_params)
         return record
 
-    step, last, val_record = 0, {}, {}
-    start = time.perf_counter()
-    with progress_bar(config.steps, enabled=progress) as bar:
-        while step < config.steps:
-            length = min(config.log_every, config.steps - step)
-            if config.eval_every:
-                length = min(length, config.eval_every - step % config.eval_every)
-            meta_params, opt_state, metrics = chunk(
-                meta_params, opt_state, k_train, jnp.int32(step), length
-            )
-            metrics = flat_metrics(jax.device_get(metrics))
-            step += length
-            elapsed = time.perf_counter() - start
-            last = {"step": step, **metrics, "wall_s": round(elapsed, 3)}
-            append_jsonl(metrics_path, last)
-            if not np.isfinite(metrics["meta_loss"]):
-                raise NonFiniteLoss(
-                    f"meta_loss became {metrics['meta_loss']} by step {step}; lower outer_lr or "
-                    f"inner_lr (now {config.outer_lr}, {config.inner_lr})"
+    def save(step, score=None, finished=False):
+        nonlocal last_save, last_save_step
+        save_params(run_dir / PARAMS_FILE, meta_params)
+        checkpoints.save(
+            step, {"meta_params": meta_params, "opt_state": opt_state, "key": k_train},
+            {"step": step, "fingerprint": fingerprint, "wall_s": elapsed(), "best": best,
+             "skipped": skipped, "finished": finished},
+            metric=score if problem.has_validation else None,
+        )
+        last_save, last_save_step = time.perf_counter(), step
+
+    def finish():
+        nonlocal val_record, finished
+        score = None
+        if validated_at != step:
+            val_record = validate(step)
+            score = val_record[f"val_{metric}"]
+        save(step, score, finished=True)
+        finished = True
+
+    def elapsed():
+        return wall_before + time.perf_counter() - start
+
+    def out_of_time():
+        return bool(config.time_budget_s) and elapsed() > config.time_budget_s
+
+    last, val_record = _last_records(metrics_path, metric) if resume else ({}, {})
+    start = last_save = time.perf_counter()
+    last_save_step = step
+    validated_at = val_record.get("step")
+    try:
+        with progress_bar(config.steps, enabled=progress) as bar, _StopSignals(say) as stop:
+            bar.update(min(step, config.steps))
+            # A resumed run whose budget was spent before trains nothing more; otherwise the
+            # budget is checked after each chunk (so at least one chunk runs).
+            spent = bool(config.time_budget_s) and wall_before > config.time_budget_s
+            while step < config.steps and not spent:
+                length = min(config.log_every, config.steps - step)
+                if config.eval_every:
+                    length = min(length, config.eval_every - step % config.eval_every)
+                meta_params, opt_state, metrics = chunk(
+                    meta_params, opt_state, k_train, jnp.int32(step), length
                 )
-            bar.update(length)
-            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
-            out_of_time = bool(config.time_budget_s) and elapsed > config.time_budget_s
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                val_record = validate(step)
-            if out_of_time:
-                break
-        val_record = validate(step)
+                metrics = jax.device_get(metrics)
+                applied = np.asarray(metrics.pop("applied"), bool)
+                if not applied.all():
+                    first_bad = step + int(np.argmin(applied))
+                    if on_nan == "stop":
+                        good = checkpoints.latest_step()
+                        raise NonFiniteLoss(
+                            f"meta-step {first_bad} made the meta-loss, parameters or optimiser "
+                            f"state non-finite; the last good checkpoint is step {good} "
+                            f"(lower outer_lr or inner_lr, now {config.outer_lr}, "
+                            f"{config.inner_lr}, set grad_clip_norm, or on_nan=skip)",
+                            first_bad, good,
+                        )
+                    skipped += int((~applied).sum())
+                metrics = flat_metrics(metrics, applied)
+                step += length
+                finished = False
+                last = {"step": step, **metrics, "wall_s": round(elapsed(), 3)}
+                if skipped:
+                    last["skipped_steps"] = skipped
+                append_jsonl(metrics_path, last)
+                bar.update(length)
+                if metrics["meta_loss"] is not None:
+                    bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
+                score = None
+                if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                    val_record = validate(step)
+                    validated_at, score = step, val_record[f"val_{metric}"]
+                now = time.perf_counter()
+                final = step >= config.steps or out_of_time()
+                if not final and (score is not None or stop.signum is not None
+                                  or (every and step - last_save_step >= every)
+                                  or (every_s and now - last_save >= every_s)):
+                    save(step, score)
+                if stop.signum is not None:
+                    if final:
+                        finish()
+                    raise Interrupted(
+                        f"interrupted by {signal.Signals(stop.signum).name} at meta-step {step};"
+                        f" the checkpoint is saved: rerun with --resume to continue",
+                        step, stop.signum,
+                    )
+                if final:
+                    break
+            if not finished:
+                finish()
+    finally:
+        checkpoints.close()
     wall = time.perf_counter() - start
     return {
         **{k: v for k, v in last.items() if k != "wall_s"},
         **{k: v for k, v in val_record.items() if k != "step"},
         "run_dir": str(run_dir),
         "stopped_by_time_budget": step < config.steps,
+        "skipped_steps": skipped,
+        "resumed_from": resumed_from,
         "wall_s": round(wall, 2),
-        "steps_per_s": round(step / wall, 1),
+        "steps_per_s": round((step - resumed_from) / wall, 1) if wall > 0 else None,
     }
 
 
@@ -262,15 +479,3 @@ def evaluate_run(
     return {"metric": problem.metric_name, "mean": final["mean"], "ci95": final["ci95"],
             "inner_steps": steps[-1], "by_steps": by_steps, "tasks": tasks, "shots": shots,
             "queries": queries, "seed": seed}
-
-
-def run_config_matches(run_dir: Path, config: RunConfig) -> bool:
-    """Whether ``run_dir`` is empty of runs or holds a run of this same configuration."""
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        return True
-    try:
-        existing = type(config).from_json_file(path)
-    except Exception:
-        return False
-    return dataclasses.asdict(existing) == dataclasses.asdict(config)

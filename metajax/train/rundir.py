@@ -1,0 +1,228 @@
+"""Run directories: one run per directory, the kind of run it holds, no leftovers.
+
+A run directory belongs to one run at a time: :class:`RunLock` takes an exclusive lock
+(``.metajax.lock``, holding the pid, the host and the command) before anything else is
+written, and a second command on the same directory is refused while the first runs. A
+lock left by a run that died (SIGKILL, power loss) is detected, reported and taken over.
+
+``run.json`` records what the directory holds: the kind of run (``train`` or
+``continual``) and the fingerprint of its configuration (everything that changes the
+result; not the stopping criteria), so a rerun can tell "the same run, resumable" from
+"another run" without comparing every field.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from metajax._files import atomic_write
+from metajax.train.config import ConfigError
+
+LOCK_FILE = ".metajax.lock"
+RUN_FILE = "run.json"
+
+
+class RunDirError(ConfigError):
+    """A run directory a command cannot use; the message says why and what to do."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held from ``__enter__`` to ``__exit__``.
+
+    The lock is an ``flock`` on ``DIR/.metajax.lock``, so the operating system releases it
+    when the holder dies however it dies; the file also holds ``{"pid", "host", "command",
+    "started"}`` for the message a refused command prints. A lock file whose ``flock`` is
+    free but whose content names another process is the trace of a run that died: it is
+    reported through ``log`` and taken over.
+
+    Args:
+      run_dir: the directory (created, with its parents, when missing).
+      command: what holds the lock (``"train"``, ``"continual"``, ``"evaluate"``), for the
+        messages.
+      log: called with a one-line report when a stale lock is taken over.
+
+    Raises:
+      RunDirError: another live process holds the directory.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, command: str, log=None):
+        self.run_dir = Path(run_dir)
+        self.command = command
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.created_dir = False
+        self._fd: int | None = None
+        self.stale: dict | None = None
+
+    def __enter__(self) -> RunLock:
+        if not self.run_dir.exists():
+            self.created_dir = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = _read_holder(path)
+            raise RunDirError(
+                f"{self.run_dir} is in use by another run ({_describe(holder)}); wait for it "
+                "to end or choose another --out"
+            ) from None
+        previous = _read_holder(path)
+        if previous and previous.get("pid") != os.getpid():
+            self.stale = previous
+            alive = (previous.get("host") == socket.gethostname()
+                     and isinstance(previous.get("pid"), int) and _pid_alive(previous["pid"]))
+            self.log(f"metajax: {self.run_dir}: stale lock of a run that ended without "
+                     f"releasing it ({_describe(previous)}"
+                     f"{'; that pid is now another process' if alive else ''}); taking it over")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return "holder unknown"
+    return (f"`metajax {holder.get('command', '?')}`, pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, started {holder.get('started', '?')}")
+
+
+def read_run_record(run_dir: str | os.PathLike) -> dict | None:
+    """``run.json`` of ``run_dir`` as a dict, or None when there is none.
+
+    Raises:
+      RunDirError: the file exists but is not a run record (names the file).
+    """
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path}: not a readable run record ({err}); remove the directory "
+                          "or choose another --out") from None
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+        raise RunDirError(f"{path}: not a run record (no 'kind'); choose another --out")
+    return data
+
+
+def write_run_record(run_dir: str | os.PathLike, kind: str, fingerprint: str) -> None:
+    """Write ``run.json``: the kind of run and the fingerprint of its configuration."""
+    text = json.dumps({"kind": kind, "fingerprint": fingerprint}, indent=1) + "\n"
+    atomic_write(Path(run_dir) / RUN_FILE, lambda f: f.write(text.encode()))
+
+
+def check_kind(run_dir: str | os.PathLike, kind: str, record: dict | None) -> None:
+    """Refuse a directory that holds a run of another kind (``train`` vs ``continual``).
+
+    Directories written before ``run.json`` existed are recognised by their files.
+    """
+    run_dir = Path(run_dir)
+    other = None
+    if record is not None and record["kind"] != kind:
+        other = record["kind"]
+    elif record is None:
+        if kind == "train" and (run_dir / "tasks.jsonl").exists():
+            other = "continual"
+        elif kind == "continual" and (
+            (run_dir / "metrics.jsonl").exists() or (run_dir / "meta_params.msgpack").exists()
+        ):
+            other = "train"
+    if other is not None:
+        raise RunDirError(
+            f"--out {run_dir} holds a `metajax {other}` run, not a `metajax {kind}` run; "
+            "choose another directory"
+        )
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``*.tmp`` files a killed atomic write left in ``run_dir``; return them.
+
+    Call it only while holding the directory's :class:`RunLock`.
+    """
+    removed = []
+    for path in Path(run_dir).glob("*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+PROGRESS_FILES = ("metrics.jsonl", "meta_params.msgpack", "tasks.jsonl", "metrics.json")
+NEW_RUN_FILES = ("config.json", RUN_FILE, "metrics.jsonl", "tasks.jsonl")
+
+
+def has_progress(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds anything a run produced (a checkpoint, a logged step,
+    saved parameters, a finished task) rather than only the files a start writes."""
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        return True
+    for name in PROGRESS_FILES:
+        path = run_dir / name
+        if path.is_file() and path.stat().st_size > 0:
+            return True
+    return False
+
+
+def remove_new_run_files(run_dir: str | os.PathLike) -> None:
+    """Remove what a start wrote before it failed (configuration, run record, empty logs,
+    an empty checkpoint folder), so that the corrected command starts cleanly. Call it only
+    when :func:`has_progress` is False, holding the lock."""
+    run_dir = Path(run_dir)
+    for name in NEW_RUN_FILES:
+        path = run_dir / name
+        if path.is_file() and (name in ("config.json", RUN_FILE) or path.stat().st_size == 0):
+            path.unlink(missing_ok=True)
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        import shutil
+
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    remove_leftovers(run_dir)
