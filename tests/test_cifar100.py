@@ -117,6 +117,9 @@ def data_dir(tmp_path, monkeypatch, archive):
     folder = tmp_path / "data" / "cifar100"
     folder.mkdir(parents=True)
     (folder / cifar100.ARCHIVE.filename).write_bytes(archive)
+    # An empty data directory for the download tests: a data directory must exist (a
+    # mistyped one is an error, not created); downloads create the dataset's folder in it.
+    (tmp_path / "fresh").mkdir()
     return tmp_path / "data"
 
 

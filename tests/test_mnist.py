@@ -66,6 +66,9 @@ def data_dir(tmp_path, monkeypatch, files):
     folder.mkdir(parents=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
+    # An empty data directory for the download tests: a data directory must exist (a
+    # mistyped one is an error, not created); downloads create the dataset's folder in it.
+    (tmp_path / "fresh").mkdir()
     return tmp_path / "data"
 
 

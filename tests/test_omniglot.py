@@ -58,6 +58,9 @@ def data_dir(tmp_path, monkeypatch, fixture):
     monkeypatch.setenv("METAJAX_OMNIGLOT_URL", closed_port_url())
     monkeypatch.delenv("METAJAX_CACHE_DIR", raising=False)
     write_fixture(tmp_path / "data" / "omniglot", fixture)
+    # An empty data directory for the download tests: a data directory must exist (a
+    # mistyped one is an error, not created); downloads create the dataset's folder in it.
+    (tmp_path / "fresh").mkdir()
     return tmp_path / "data"
 
 

@@ -12,6 +12,7 @@ from fixtures_omniglot import closed_port_url, serve, status, truncated
 from metajax.data import sources
 from metajax.data.sources import (
     ChecksumError,
+    DataDirNotFoundError,
     DataNotFoundError,
     DownloadError,
     atomic_save_npz,
@@ -19,6 +20,7 @@ from metajax.data.sources import (
     check_sha256,
     fetch,
     is_writable_dir,
+    require_data_dir,
     resolve_data_dir,
     resolve_url,
     sha256_file,
@@ -128,6 +130,26 @@ def test_resolve_data_dir_and_user_cache(tmp_path, monkeypatch):
     assert resolve_data_dir() == tmp_path / "env"
     assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
     assert sources.user_cache_dir() == tmp_path / "xdg" / "metajax"
+
+
+def test_require_data_dir_reports_a_named_directory_that_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("METAJAX_DATA_DIR", raising=False)
+    # The default (the user cache) may be missing: downloads create it.
+    assert require_data_dir() == tmp_path / "xdg" / "metajax"
+    assert require_data_dir(tmp_path) == tmp_path
+    with pytest.raises(DataDirNotFoundError) as info:
+        require_data_dir(tmp_path / "typo")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DataNotFoundError)
+    assert str(tmp_path / "typo") in str(info.value) and "create it first" in str(info.value)
+    assert info.value.folder == tmp_path / "typo"
+    monkeypatch.setenv("METAJAX_DATA_DIR", str(tmp_path / "env"))
+    with pytest.raises(DataDirNotFoundError, match=r"\$METAJAX_DATA_DIR"):
+        require_data_dir()
+    (tmp_path / "env").write_text("a file")
+    with pytest.raises(DataDirNotFoundError, match="is not a directory"):
+        require_data_dir()
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "xdg").exists()
 
 
 def test_cache_dir_candidates(tmp_path, monkeypatch):

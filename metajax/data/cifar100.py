@@ -18,15 +18,21 @@ The three members are pickles written by Python 2: ``train`` and ``test`` are di
 ``pickle.load``: :func:`metajax.data.sources.restricted_pickle_load` builds numpy arrays
 and plain containers only, so a tampered archive cannot run code. Members are read straight
 from the archive; nothing is extracted to disk. Decoding takes a few seconds and is not cached.
+
+Every problem with the files is one exception naming the file (and member):
+:class:`CIFAR100FormatError` (a :class:`~metajax.data.sources.DataFormatError`, so a
+``ValueError``), :class:`~metajax.data.sources.ForbiddenPickleError`,
+:class:`~metajax.data.sources.ChecksumError` or a ``FileNotFoundError``
+(:class:`~metajax.data.sources.DataNotFoundError`). The archive is read through a limit of
+:data:`MAX_TAR_BYTES` decompressed bytes, so a crafted archive cannot exhaust memory.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
-import pickle
 import tarfile
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -35,9 +41,10 @@ import numpy as np
 
 from metajax.data.sources import (
     ChecksumError,
-    ForbiddenPickleError,
+    DataFormatError,
+    PickleFormatError,
     ensure_files,
-    resolve_data_dir,
+    require_data_dir,
     resolve_url,
     restricted_pickle_load,
     sha256_file,
@@ -50,6 +57,9 @@ TOP = "cifar-100-python"
 NUM_CLASSES = 100
 NUM_COARSE = 20
 IMAGE_SHAPE = (32, 32, 3)
+#: Most decompressed bytes read from an archive: the original holds 186 MB (its three members
+#: and tar headers); reading stops with :class:`CIFAR100FormatError` beyond this.
+MAX_TAR_BYTES = 512 << 20
 _CHUNK = 1 << 20
 
 
@@ -102,8 +112,12 @@ class CIFAR100(NamedTuple):
     coarse_names: tuple[str, ...]
 
 
-class CIFAR100FormatError(ValueError):
-    """The archive or a member is truncated, corrupt or holds something else than CIFAR-100."""
+class CIFAR100FormatError(DataFormatError):
+    """The archive or a member is truncated, corrupt or holds something else than CIFAR-100.
+
+    A :class:`~metajax.data.sources.DataFormatError`, so a ``ValueError``; the message names
+    the file (and member).
+    """
 
 
 class MD5MismatchError(ChecksumError):
@@ -139,6 +153,8 @@ def load_cifar100(
       :class:`CIFAR100`; images uint8 ``[N, 32, 32, 3]`` (HWC), labels uint8 ``[N]``.
 
     Raises:
+      DataDirNotFoundError: the ``data_dir`` (or ``$METAJAX_DATA_DIR``) given does not exist;
+        nothing is created.
       DataNotFoundError: no archive, no extracted folder, and no download possible.
       ChecksumError: the archive's sha256 (:class:`MD5MismatchError`: an extracted file's
         md5) is not the original's.
@@ -146,7 +162,7 @@ def load_cifar100(
         containers; nothing from it was run.
       CIFAR100FormatError: truncated or corrupt archive, missing member, or wrong contents.
     """
-    folder = resolve_data_dir(data_dir) / SUBDIR
+    folder = require_data_dir(data_dir) / SUBDIR
     base_url = resolve_url(url, URL_ENV, CIFAR100_URL)
     archive = folder / ARCHIVE.filename
     extracted = folder / TOP
@@ -154,7 +170,7 @@ def load_cifar100(
         if verify:
             for name, md5 in MEMBERS.items():
                 _check_md5(extracted / name, md5)
-        return _assemble(_read_folder(extracted), str(extracted))
+        return _assemble(_read_folder(extracted), {m: str(extracted / m) for m in MEMBERS})
 
     if not archive.is_file():
         ensure_files(folder, [ARCHIVE], base_url, download=download, progress=progress)
@@ -168,7 +184,8 @@ def load_cifar100(
                 f"not the original {ARCHIVE.filename} ({ARCHIVE.size} bytes, md5 {ARCHIVE.md5}): "
                 f"delete it to download it again from {base_url}, or pass verify=False",
             )
-    return _assemble(_read_archive(archive), str(archive))
+    where = {m: f"{archive}: member {TOP}/{m}" for m in MEMBERS}
+    return _assemble(_read_archive(archive), where)
 
 
 def md5_file(path: str | os.PathLike) -> str:
@@ -193,12 +210,11 @@ def _check_md5(path: Path, expected: str) -> None:
 
 
 def _unpickle(file: IO[bytes], where: str) -> Any:
+    # ForbiddenPickleError (a tampered file) passes as it is, naming ``where``.
     try:
-        return restricted_pickle_load(file)
-    except ForbiddenPickleError as e:
-        raise ForbiddenPickleError(f"{where}: {e}") from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise CIFAR100FormatError(f"{where}: not a readable CIFAR-100 pickle ({e})") from e
+        return restricted_pickle_load(file, where)
+    except PickleFormatError as e:
+        raise CIFAR100FormatError(f"not a readable CIFAR-100 pickle: {e}") from e
 
 
 def _read_folder(extracted: Path) -> dict[str, Any]:
@@ -213,30 +229,71 @@ def _read_archive(archive: Path) -> dict[str, Any]:
     """Unpickle the members of :data:`MEMBERS` in one streaming pass over the archive."""
     wanted = {f"{TOP}/{name}": name for name in MEMBERS}
     objects: dict[str, Any] = {}
+    original = (
+        f"the original {ARCHIVE.filename} has {ARCHIVE.size} bytes and sha256 {ARCHIVE.sha256}"
+    )
     try:
         for member, file in _members(archive):
+            # Matched by exact name: other members (any name, "../" ones included) are
+            # skipped unread, and nothing is ever written to disk.
             name = wanted.get(member.name)
             if name is None or name in objects:
                 continue
             if file is None:
-                raise CIFAR100FormatError(f"{archive}: member {member.name} is not a file")
+                raise CIFAR100FormatError(
+                    f"{archive}: member {member.name} is not a file; {original}"
+                )
+            if member.size > MAX_TAR_BYTES:
+                raise CIFAR100FormatError(
+                    f"{archive}: member {member.name} declares {member.size} bytes, more than "
+                    f"any CIFAR-100 member; {original}"
+                )
             objects[name] = _unpickle(file, f"{archive}: member {member.name}")
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except DataFormatError:
+        raise
+    except Exception as e:  # TarError, gzip's OSError and EOFError, zlib.error, and the like
         raise CIFAR100FormatError(
-            f"{archive}: not a readable tar.gz archive, truncated or corrupt ({e}); the "
-            f"original {ARCHIVE.filename} has {ARCHIVE.size} bytes and sha256 {ARCHIVE.sha256}"
+            f"{archive}: not a readable tar.gz archive, truncated or corrupt "
+            f"({type(e).__name__}: {e}); {original}"
         ) from e
     missing = [f"{TOP}/{name}" for name in MEMBERS if name not in objects]
     if missing:
-        raise CIFAR100FormatError(f"{archive}: members {missing} are missing")
+        raise CIFAR100FormatError(f"{archive}: members {missing} are missing; {original}")
     return objects
 
 
+class _Limited:
+    """A read-only file over ``file`` that fails after ``limit`` bytes (a decompression bomb)."""
+
+    def __init__(self, file: IO[bytes], limit: int, where: Path) -> None:
+        self._file = file
+        self._left = limit
+        self._limit = limit
+        self._where = where
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        data = self._file.read(want)
+        self._left -= len(data)
+        if self._left < 0:
+            raise CIFAR100FormatError(
+                f"{self._where}: decompresses to more than {self._limit} bytes, far more than "
+                f"the original {ARCHIVE.filename}; it is not CIFAR-100"
+            )
+        return data
+
+
 def _members(archive: Path) -> Iterator[tuple[tarfile.TarInfo, IO[bytes] | None]]:
-    # Stream mode ("r|gz") reads the archive once, front to back, without seeking.
-    with tarfile.open(archive, mode="r|gz") as tar:
-        for member in tar:
-            yield member, tar.extractfile(member) if member.isfile() else None
+    # Stream mode ("r|") reads the archive once, front to back, without seeking.
+    with gzip.open(archive, "rb") as raw:
+        limited = _Limited(raw, MAX_TAR_BYTES, archive)
+        with tarfile.open(fileobj=limited, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                yield member, tar.extractfile(member) if member.isfile() else None
+        # Read to the end, so that gzip checks its CRC and length: a cut-off archive fails
+        # even when the cut falls after the last member.
+        while limited.read(_CHUNK):
+            pass
 
 
 def _text(value: Any) -> str:
@@ -247,15 +304,26 @@ def _text(value: Any) -> str:
 def _fields(obj: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise CIFAR100FormatError(f"{where}: a {type(obj).__name__}, expected a dict")
+    bad = [type(k).__name__ for k in obj if not isinstance(k, str | bytes)]
+    if bad:
+        raise CIFAR100FormatError(f"{where}: a dict key of type {bad[0]}, expected str keys")
     fields = {_text(k): v for k, v in obj.items()}
     missing = [k for k in keys if k not in fields]
     if missing:
-        raise CIFAR100FormatError(f"{where}: keys {missing} missing; it has {sorted(fields)}")
+        shown = sorted(repr(k[:40]) for k in fields)[:10]
+        raise CIFAR100FormatError(
+            f"{where}: keys {missing} missing; it has [{', '.join(shown)}]"
+        )
     return fields
 
 
 def _labels(values: Any, count: int, high: int, where: str) -> np.ndarray:
-    labels = np.asarray(values)
+    if not isinstance(values, list | tuple | np.ndarray):
+        raise CIFAR100FormatError(f"{where}: a {type(values).__name__}, expected a list of ints")
+    try:
+        labels = np.asarray(values)
+    except (ValueError, TypeError, OverflowError) as e:  # ragged or mixed lists
+        raise CIFAR100FormatError(f"{where}: not a list of ints ({e})") from None
     if labels.shape != (count,) or labels.dtype.kind not in "iu":
         raise CIFAR100FormatError(
             f"{where}: {labels.shape} labels of dtype {labels.dtype}, expected {count} ints"
@@ -263,6 +331,14 @@ def _labels(values: Any, count: int, high: int, where: str) -> np.ndarray:
     if count and (labels.min() < 0 or labels.max() >= high):
         raise CIFAR100FormatError(f"{where}: labels outside 0-{high - 1}")
     return labels.astype(np.uint8)
+
+
+def _names(values: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(values, list | tuple) or not all(
+        isinstance(v, str | bytes) for v in values
+    ):
+        raise CIFAR100FormatError(f"{where}: a {type(values).__name__}, expected a list of str")
+    return tuple(_text(v) for v in values)
 
 
 def _split(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -288,15 +364,27 @@ def _split(obj: Any, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, fine, coarse
 
 
-def _assemble(objects: dict[str, Any], where: str) -> CIFAR100:
-    train_x, train_y, train_coarse = _split(objects["train"], f"{where}: train")
-    test_x, test_y, test_coarse = _split(objects["test"], f"{where}: test")
-    meta = _fields(objects["meta"], f"{where}: meta", ("fine_label_names", "coarse_label_names"))
-    fine_names = tuple(_text(n) for n in meta["fine_label_names"])
-    coarse_names = tuple(_text(n) for n in meta["coarse_label_names"])
+def _assemble(objects: dict[str, Any], where: dict[str, str]) -> CIFAR100:
+    """The data set from the unpickled members; ``where[name]`` names member ``name``."""
+    try:
+        return _assemble_checked(objects, where)
+    except CIFAR100FormatError as e:
+        raise CIFAR100FormatError(
+            f"{e}; this is not CIFAR-100 as published: replace it with the original "
+            f"{ARCHIVE.filename} from {CIFAR100_URL}"
+        ) from None
+
+
+def _assemble_checked(objects: dict[str, Any], where: dict[str, str]) -> CIFAR100:
+    train_x, train_y, train_coarse = _split(objects["train"], where["train"])
+    test_x, test_y, test_coarse = _split(objects["test"], where["test"])
+    meta_where = where["meta"]
+    meta = _fields(objects["meta"], meta_where, ("fine_label_names", "coarse_label_names"))
+    fine_names = _names(meta["fine_label_names"], f"{meta_where}: 'fine_label_names'")
+    coarse_names = _names(meta["coarse_label_names"], f"{meta_where}: 'coarse_label_names'")
     if (len(fine_names), len(coarse_names)) != (NUM_CLASSES, NUM_COARSE):
         raise CIFAR100FormatError(
-            f"{where}: meta names {len(fine_names)} classes and {len(coarse_names)} "
+            f"{meta_where}: names {len(fine_names)} classes and {len(coarse_names)} "
             f"superclasses, expected {NUM_CLASSES} and {NUM_COARSE}"
         )
     return CIFAR100(

@@ -44,9 +44,7 @@ import csv
 import hashlib
 import io
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,9 +53,10 @@ import numpy as np
 from PIL import Image
 
 from metajax.data.sources import (
-    ForbiddenPickleError,
+    DataFormatError,
     atomic_save_npz,
-    resolve_data_dir,
+    read_npz,
+    require_data_dir,
     restricted_pickle_load,
 )
 
@@ -71,12 +70,29 @@ PICKLE_NAME = "mini-imagenet-cache-{split}.pkl"
 # Bump when the cache content or layout changes, so old caches are not read as new ones.
 _CACHE_VERSION = "1"
 _RESAMPLE_NAME = "LANCZOS"
+# A cache is a dict of a dict of lists: 3 levels. Deeper nesting is refused before any path
+# string is built for it (a million-deep list is a few megabytes of pickle).
+_MAX_DEPTH = 16
 
 _NO_DOWNLOAD = (
     "metajax does not download mini-ImageNet: its images come from ImageNet (ILSVRC-2012) and "
     "may only be obtained under ImageNet's terms of access (https://image-net.org). Get them "
     "there, build the Ravi & Larochelle (2017) split, and place the files as described."
 )
+
+
+class MiniImageNetFormatError(DataFormatError):
+    """A mini-ImageNet file (pickle cache, split CSV) holds something else than expected.
+
+    A :class:`~metajax.data.sources.DataFormatError`, so a ``ValueError``; the message names
+    the file and the problem.
+    """
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``repr(text)``, cut to about ``limit`` characters (keys and names come from files)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,31 +102,38 @@ _NO_DOWNLOAD = (
 
 def _check_plain(obj: Any, where: str) -> None:
     # Iterative walk with a visited set: a pickle can nest deeply or refer to itself.
-    stack: list[tuple[Any, str]] = [(obj, where)]
+    stack: list[tuple[Any, str, int]] = [(obj, where, 0)]
     seen: set[int] = set()
     scalar_types = (str, int, float, np.integer, np.floating, np.bool_)
     while stack:
-        node, path = stack.pop()
+        node, path, depth = stack.pop()
         if isinstance(node, scalar_types):
             continue
         if id(node) in seen:
             continue
         seen.add(id(node))
+        if depth > _MAX_DEPTH:
+            raise MiniImageNetFormatError(
+                f"{path}: nested more than {_MAX_DEPTH} levels deep; a mini-ImageNet cache is a "
+                "dict of image_data and a dict of index lists."
+            )
         if isinstance(node, np.ndarray):
             if type(node) is not np.ndarray or node.dtype.hasobject:
-                raise ValueError(
+                raise MiniImageNetFormatError(
                     f"{path}: array of type {type(node).__name__} with dtype {node.dtype} is "
                     "not allowed; mini-ImageNet caches hold plain numeric arrays."
                 )
         elif type(node) is dict:
             for key, value in node.items():
                 if not isinstance(key, str):
-                    raise ValueError(f"{path}: dict key {key!r} is not a str.")
-                stack.append((value, f"{path}[{key!r}]"))
+                    raise MiniImageNetFormatError(
+                        f"{path}: dict key of type {type(key).__name__} is not a str."
+                    )
+                stack.append((value, f"{path}[{_short(key)}]", depth + 1))
         elif type(node) in (list, tuple):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
         else:
-            raise ValueError(
+            raise MiniImageNetFormatError(
                 f"{path}: object of type {type(node).__name__} is not allowed; only dict, list, "
                 "tuple, str, int, float and numpy arrays are."
             )
@@ -121,51 +144,65 @@ def validate_cache_structure(obj: Any, where: str = "pickle") -> tuple[np.ndarra
 
     Expects ``{"image_data": uint8 [N, 84, 84, 3], "class_dict": {wnid: indices}}`` where each
     ``indices`` is a list/tuple/1-D array of ints in ``[0, N)`` and no index is used twice.
-    Raises ``ValueError`` naming ``where`` and the first problem found.
+    Raises :class:`MiniImageNetFormatError` (a ``ValueError``) naming ``where`` and the first
+    problem found.
     """
     _check_plain(obj, where)
     if type(obj) is not dict:
-        raise ValueError(f"{where}: expected a dict, got {type(obj).__name__}.")
+        raise MiniImageNetFormatError(f"{where}: expected a dict, got {type(obj).__name__}.")
     expected = {"image_data", "class_dict"}
     if set(obj) != expected:
-        raise ValueError(
-            f"{where}: expected keys {sorted(expected)}, got {sorted(obj)}; this does not look "
-            "like a mini-imagenet-cache-*.pkl file."
+        got = sorted(_short(k) for k in obj)[:10]
+        raise MiniImageNetFormatError(
+            f"{where}: expected keys {sorted(expected)}, got [{', '.join(got)}]; this does not "
+            "look like a mini-imagenet-cache-*.pkl file."
         )
     data = obj["image_data"]
     want = (IMAGE_SIZE, IMAGE_SIZE, 3)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape[1:] != want:
         desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data)
-        raise ValueError(f"{where}: image_data must be uint8 [N, 84, 84, 3], got {desc}.")
+        raise MiniImageNetFormatError(
+            f"{where}: image_data must be uint8 [N, 84, 84, 3], got {desc}."
+        )
     class_dict = obj["class_dict"]
     if type(class_dict) is not dict or not class_dict:
-        raise ValueError(f"{where}: class_dict must be a non-empty dict of wnid -> indices.")
+        raise MiniImageNetFormatError(
+            f"{where}: class_dict must be a non-empty dict of wnid -> indices."
+        )
     n = data.shape[0]
     checked: dict[str, np.ndarray] = {}
     for wnid, idx in class_dict.items():
         ints = type(idx) in (list, tuple) and all(
             isinstance(i, int | np.integer) and not isinstance(i, bool | np.bool_) for i in idx
         )
-        arr = np.asarray(idx, dtype=np.int64) if ints else idx
+        try:
+            arr = np.asarray(idx, dtype=np.int64) if ints else idx
+        except OverflowError:  # a Python int beyond int64: certainly not an index
+            arr = None
         if (
             not isinstance(arr, np.ndarray)
             or arr.ndim != 1
             or arr.size == 0
             or not np.issubdtype(arr.dtype, np.integer)
         ):
-            desc = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else repr(idx)[:80]
-            raise ValueError(
-                f"{where}: class_dict[{wnid!r}] must be a non-empty list of ints, got {desc}."
+            desc = (
+                f"{arr.dtype} {arr.shape}"
+                if isinstance(arr, np.ndarray)
+                else f"a {type(idx).__name__}" + (f" of {len(idx)}" if ints else "")
+            )
+            raise MiniImageNetFormatError(
+                f"{where}: class_dict[{_short(wnid)}] must be a non-empty list of ints, got "
+                f"{desc}."
             )
         if arr.min() < 0 or arr.max() >= n:
-            raise ValueError(
-                f"{where}: class_dict[{wnid!r}] has indices in [{arr.min()}, {arr.max()}], "
-                f"outside image_data's [0, {n})."
+            raise MiniImageNetFormatError(
+                f"{where}: class_dict[{_short(wnid)}] has indices in [{arr.min()}, "
+                f"{arr.max()}], outside image_data's [0, {n})."
             )
         checked[wnid] = arr.astype(np.int64)
     every = np.concatenate(list(checked.values()))
     if np.unique(every).size != every.size:
-        raise ValueError(f"{where}: class_dict uses some image index more than once.")
+        raise MiniImageNetFormatError(f"{where}: class_dict uses some image index more than once.")
     return data, checked
 
 
@@ -180,7 +217,7 @@ def _stack_classes(
     """Sorted wnids and the common per-class count, after checking the counts."""
     wnids = sorted(per_class)
     if expect_counts and len(wnids) != NUM_CLASSES[split]:
-        raise ValueError(
+        raise MiniImageNetFormatError(
             f"{where}: {split} has {len(wnids)} classes, the Ravi & Larochelle split has "
             f"{NUM_CLASSES[split]}. Use the standard split files, or pass expect_counts=False "
             "for a custom subset."
@@ -188,13 +225,13 @@ def _stack_classes(
     counts = {per_class[w] for w in wnids}
     if expect_counts and counts != {IMAGES_PER_CLASS}:
         bad = [w for w in wnids if per_class[w] != IMAGES_PER_CLASS][:5]
-        raise ValueError(
+        raise MiniImageNetFormatError(
             f"{where}: every class must have {IMAGES_PER_CLASS} images; e.g. "
             + ", ".join(f"{w} has {per_class[w]}" for w in bad)
             + ". Pass expect_counts=False for a custom subset."
         )
     if len(counts) != 1:
-        raise ValueError(
+        raise MiniImageNetFormatError(
             f"{where}: classes of {split} have different image counts {sorted(counts)}; the "
             "[classes, per_class, ...] array needs the same count for every class."
         )
@@ -222,15 +259,9 @@ def _load_pickle_split(
     path = root / PICKLE_NAME.format(split=split)
     if not path.is_file():
         raise _not_found(root, [str(path)])
-    try:
-        with open(path, "rb") as f:
-            obj = restricted_pickle_load(f)
-    except ForbiddenPickleError as err:
-        raise ForbiddenPickleError(f"{path}: {err}") from err
-    except Exception as err:  # truncated or malformed file; nothing from it was executed
-        raise pickle.UnpicklingError(
-            f"{path} is not a readable pickle ({type(err).__name__}: {err}); re-copy the file."
-        ) from err
+    with open(path, "rb") as f:
+        # ForbiddenPickleError (tampered) or PickleFormatError (truncated), naming the file.
+        obj = restricted_pickle_load(f, path)
     data, class_dict = validate_cache_structure(obj, str(path))
     wnids, _ = _stack_classes(
         {w: len(i) for w, i in class_dict.items()}, split, str(path), expect_counts
@@ -252,28 +283,45 @@ def _load_pickle_split(
 
 def _read_split_csv(path: Path) -> tuple[bytes, list[tuple[str, str]]]:
     raw = path.read_bytes()
-    reader = csv.reader(io.StringIO(raw.decode("utf-8-sig")))
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MiniImageNetFormatError(
+            f"{path}: not UTF-8 text ({e}); is this a split CSV (header 'filename,label')?"
+        ) from None
+    try:
+        return raw, _split_rows(path, csv.reader(io.StringIO(text)))
+    except csv.Error as e:  # e.g. a field over csv's size limit
+        raise MiniImageNetFormatError(f"{path}: not a readable CSV file ({e}).") from None
+
+
+def _split_rows(path: Path, reader: Any) -> list[tuple[str, str]]:
     header = next(reader, None)
     if header is None or [h.strip() for h in header] != ["filename", "label"]:
-        raise ValueError(f"{path}: header must be 'filename,label', got {header!r}.")
+        shown = _short(",".join(header)) if header is not None else "nothing"
+        raise MiniImageNetFormatError(f"{path}: header must be 'filename,label', got {shown}.")
     rows: list[tuple[str, str]] = []
     seen: set[str] = set()
     for lineno, row in enumerate(reader, start=2):
         if not row:
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"{path}:{lineno}: expected 'filename,label', got {row!r}.")
+            raise MiniImageNetFormatError(
+                f"{path}:{lineno}: expected 'filename,label', got {_short(','.join(row), 80)}."
+            )
         name, label = row[0].strip(), row[1].strip()
-        if Path(name).name != name or name in (".", ".."):
+        if Path(name).name != name or name in (".", "..") or "\0" in name:
             # A path in the CSV could point outside images/; the split files never do this.
-            raise ValueError(f"{path}:{lineno}: filename {name!r} must be a plain file name.")
+            raise MiniImageNetFormatError(
+                f"{path}:{lineno}: filename {_short(name, 80)} must be a plain file name."
+            )
         if name in seen:
-            raise ValueError(f"{path}:{lineno}: {name!r} is listed twice.")
+            raise MiniImageNetFormatError(f"{path}:{lineno}: {_short(name, 80)} is listed twice.")
         seen.add(name)
         rows.append((name, label))
     if not rows:
-        raise ValueError(f"{path}: no rows after the header.")
-    return raw, rows
+        raise MiniImageNetFormatError(f"{path}: no rows after the header.")
+    return rows
 
 
 def _image_path(images_dir: Path, name: str) -> Path:
@@ -303,18 +351,20 @@ def _decode_image(path: Path) -> np.ndarray:
 
 
 def _read_cache(path: Path, n_classes: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """A folder cache's ``(images, wnids)``, or ``None`` (with a warning) if it is unusable."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            images, wnids = z["images"], z["wnids"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        arrays = read_npz(path, ("images", "wnids"))
+    except (OSError, DataFormatError) as err:
         warnings.warn(f"ignoring unreadable cache {path} ({err}); re-decoding.", stacklevel=3)
         return None
+    images, wnids = arrays["images"], arrays["wnids"]
     if (
         images.dtype != np.uint8
         or images.ndim != 5
         or images.shape[0] != n_classes
         or images.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
         or wnids.shape != (n_classes,)
+        or wnids.dtype.kind != "U"
     ):
         warnings.warn(f"ignoring cache {path} with unexpected contents; re-decoding.", stacklevel=3)
         return None
@@ -364,8 +414,10 @@ def _load_folder_split(plan: _FolderPlan, cache: bool) -> tuple[np.ndarray, tupl
         for i, p in enumerate(class_paths):
             try:
                 images[c, i] = _decode_image(p)
-            except Exception as err:
-                raise ValueError(f"{p}: cannot decode image ({err}); re-copy the file.") from err
+            except Exception as err:  # PIL's errors, DecompressionBombError included
+                raise MiniImageNetFormatError(
+                    f"{p}: cannot decode image ({type(err).__name__}: {err}); re-copy the file."
+                ) from err
     if cache:
         try:
             atomic_save_npz(plan.cache_path, images=images, wnids=np.array(plan.wnids, dtype=str))
@@ -421,12 +473,16 @@ def load_miniimagenet(
       ``wnids[split][i]``.
 
     Raises:
+      DataDirNotFoundError: the ``data_dir`` (or ``$METAJAX_DATA_DIR``) given does not exist.
       FileNotFoundError: files missing; the message names them and where they go. Nothing is
         downloaded, since the images are ImageNet's and come under its terms of access.
       ForbiddenPickleError: a pickle refers to anything but numpy arrays (e.g. a tampered
-        file); nothing from it is executed. Its base class ``pickle.UnpicklingError``: a
-        truncated or malformed pickle.
-      ValueError: wrong structure, shapes, counts, or an undecodable image.
+        file); nothing from it is executed.
+      PickleFormatError: a truncated or malformed pickle. Both pickle errors are
+        ``pickle.UnpicklingError`` and :class:`~metajax.data.sources.DataFormatError`.
+      MiniImageNetFormatError: wrong structure, shapes, counts, a bad CSV, or an
+        undecodable image.
+      ValueError: bad arguments. Every error above except bad arguments names the file.
     """
     if source not in ("auto", "folder", "pickle"):
         raise ValueError(f"source must be 'auto', 'folder' or 'pickle', got {source!r}.")
@@ -436,7 +492,7 @@ def load_miniimagenet(
     if bad or not splits:
         raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {tuple(splits)}.")
     splits = tuple(dict.fromkeys(splits))
-    root = resolve_data_dir(data_dir) / SUBDIR
+    root = require_data_dir(data_dir) / SUBDIR
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else root / "cache"
 
     if source == "auto":
@@ -465,8 +521,9 @@ def load_miniimagenet(
         for b in splits[i + 1 :]:
             shared = sorted(set(wnids[a]) & set(wnids[b]))
             if shared:
-                raise ValueError(
-                    f"classes {shared[:5]} appear in both {a} and {b}; the Ravi & Larochelle "
-                    "splits are disjoint. Check the split files."
+                names = ", ".join(_short(w) for w in shared[:5])
+                raise MiniImageNetFormatError(
+                    f"{root}: classes {names} appear in both {a} and "
+                    f"{b}; the Ravi & Larochelle splits are disjoint. Check the split files."
                 )
     return images, wnids

@@ -37,8 +37,9 @@ import numpy as np
 
 from metajax.data.sources import (
     ChecksumError,
+    DataFormatError,
     ensure_files,
-    resolve_data_dir,
+    require_data_dir,
     resolve_url,
     sha256_file,
 )
@@ -47,6 +48,10 @@ MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 URL_ENV = "METAJAX_MNIST_URL"
 SUBDIR = "mnist"
 _UBYTE = 0x08
+#: Most values :func:`parse_idx` reads when no shape is expected (MNIST's largest file holds
+#: 47 million); a header declaring more is refused before anything is allocated.
+MAX_IDX_VALUES = 1 << 30
+_CHUNK = 1 << 20
 
 
 class MNISTFile(NamedTuple):
@@ -102,8 +107,12 @@ class MNIST(NamedTuple):
     test_y: np.ndarray
 
 
-class MNISTFormatError(ValueError):
-    """An idx file is not gzip, is truncated, or has another magic number or shape."""
+class MNISTFormatError(DataFormatError):
+    """An idx file is not gzip, is truncated, or has another magic number or shape.
+
+    A :class:`~metajax.data.sources.DataFormatError`, so a ``ValueError``; the message names
+    the file.
+    """
 
 
 def load_mnist(
@@ -130,11 +139,13 @@ def load_mnist(
       ``test_x`` uint8 ``[10000, 28, 28]``, ``test_y`` uint8 ``[10000]``.
 
     Raises:
+      DataDirNotFoundError: the ``data_dir`` (or ``$METAJAX_DATA_DIR``) given does not exist;
+        nothing is created.
       DataNotFoundError: files missing and not downloadable; names the files and the folder.
       ChecksumError: a file (local or downloaded) has another sha256 than the original.
       MNISTFormatError: a file is not a gzip idx file of the expected shape; names the file.
     """
-    folder = resolve_data_dir(data_dir) / SUBDIR
+    folder = require_data_dir(data_dir) / SUBDIR
     base_url = resolve_url(url, URL_ENV, MNIST_URL)
     ensure_files(folder, FILES.values(), base_url, download=download, progress=progress)
     arrays = {}
@@ -168,9 +179,13 @@ def load_mnist(
 def parse_idx(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """The uint8 array stored in a gzip-compressed idx file (LeCun et al.'s MNIST format).
 
+    The file is decompressed only as far as its header says (and one byte more, to find
+    trailing bytes), so a gzip "bomb" cannot fill memory.
+
     Args:
       path: an ``*-idx{1,3}-ubyte.gz`` file.
-      shape: the expected shape (e.g. ``(60000, 28, 28)``); ``None`` accepts any.
+      shape: the expected shape (e.g. ``(60000, 28, 28)``); ``None`` accepts any of at most
+        :data:`MAX_IDX_VALUES` values.
 
     Returns:
       uint8 array of the shape the header declares.
@@ -178,34 +193,58 @@ def parse_idx(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> 
     Raises:
       MNISTFormatError: not gzip, truncated, a magic number other than unsigned bytes with
         ``len(shape)`` dimensions, another shape, or trailing bytes; the message names the file.
+      OSError: the file cannot be opened (``FileNotFoundError`` if it does not exist).
     """
     path = Path(path)
-    try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        # gzip.BadGzipFile is an OSError; a cut-off stream raises EOFError.
-        raise MNISTFormatError(f"{path}: not a complete gzip file ({e})") from e
-    if len(data) < 4:
-        raise MNISTFormatError(f"{path}: {len(data)} bytes, too short for an idx header")
-    zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    with gzip.open(path, "rb") as f:
+        try:
+            return _parse_idx(f, path, shape)
+        except (OSError, EOFError, zlib.error) as e:
+            # gzip.BadGzipFile is an OSError; a cut-off stream raises EOFError.
+            raise MNISTFormatError(f"{path}: not a complete gzip file ({e})") from e
+
+
+def _parse_idx(f: gzip.GzipFile, path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4:
+        raise MNISTFormatError(f"{path}: {len(head)} bytes, too short for an idx header")
+    zero, dtype, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
     expected_ndim = len(shape) if shape is not None else ndim
     if zero != 0 or dtype != _UBYTE or ndim != expected_ndim or ndim == 0:
         raise MNISTFormatError(
-            f"{path}: magic number 0x{int.from_bytes(data[:4], 'big'):08x}, expected "
+            f"{path}: magic number 0x{int.from_bytes(head, 'big'):08x}, expected "
             f"0x{(_UBYTE << 8) | expected_ndim:08x} (unsigned bytes, {expected_ndim} "
             "dimensions); is this an MNIST idx file?"
         )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise MNISTFormatError(f"{path}: truncated header ({len(data)} bytes)")
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    sizes = f.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise MNISTFormatError(f"{path}: truncated header ({4 + len(sizes)} bytes)")
+    dims = tuple(int.from_bytes(sizes[4 * i : 4 + 4 * i], "big") for i in range(ndim))
     if shape is not None and dims != tuple(shape):
         raise MNISTFormatError(f"{path}: header declares shape {dims}, expected {tuple(shape)}")
-    count = int(np.prod(dims))
-    if len(data) - header != count:
+    count = 1
+    for d in dims:
+        count *= d
+    if shape is None and count > MAX_IDX_VALUES:
         raise MNISTFormatError(
-            f"{path}: {len(data) - header} data bytes after the header, but shape {dims} "
+            f"{path}: header declares shape {dims}, {count} values, more than the "
+            f"{MAX_IDX_VALUES} read without an expected shape; is this an MNIST idx file?"
+        )
+    data = bytearray()
+    while len(data) < count:
+        chunk = f.read(min(_CHUNK, count - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    got = len(data)
+    if got == count and f.read(1):
+        got = count + 1 + len(f.read(_CHUNK))  # at least this many; enough to say so
+        more = "or more "
+    else:
+        more = ""
+    if got != count:
+        raise MNISTFormatError(
+            f"{path}: {got} {more}data bytes after the header, but shape {dims} "
             f"needs {count}; the file is truncated or corrupt"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)

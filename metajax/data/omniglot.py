@@ -48,7 +48,6 @@ import random
 import sys
 import warnings
 import zipfile
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,11 +57,13 @@ import numpy as np
 from PIL import Image
 
 from metajax.data.sources import (
+    DataFormatError,
     atomic_save_npz,
     cache_dir_candidates,
     ensure_files,
     is_writable_dir,
-    resolve_data_dir,
+    read_npz,
+    require_data_dir,
     resolve_url,
     sha256_file,
 )
@@ -74,6 +75,11 @@ SOURCE_SIZE = 105
 RESAMPLES = ("maml", "lanczos")
 SPLIT_PROTOCOLS = ("maml", "alphabets")
 _CACHE_VERSION = 1
+#: Largest archive read (the authors' largest is 9.5 MB); a bigger file is refused unread.
+MAX_ARCHIVE_BYTES = 1 << 30
+#: Largest decompressed size of one PNG member (the authors' are under 600 bytes); a member
+#: declaring more is refused before it is decompressed.
+MAX_MEMBER_BYTES = 1 << 20
 
 
 class OmniglotFile(NamedTuple):
@@ -141,8 +147,12 @@ class OmniglotArrays(NamedTuple):
     sha256: dict[str, str]
 
 
-class OmniglotFormatError(ValueError):
-    """An Omniglot archive is corrupt, truncated or holds something else than expected."""
+class OmniglotFormatError(DataFormatError):
+    """An Omniglot archive is corrupt, truncated or holds something else than expected.
+
+    A :class:`~metajax.data.sources.DataFormatError`, so a ``ValueError``; the message names
+    the file (and member), its checksum and the original's.
+    """
 
 
 class ModifiedArchiveWarning(UserWarning):
@@ -185,9 +195,13 @@ def load_omniglot(
       :class:`OmniglotArrays`; ``images`` is float32 ``[characters, 20, size, size]``.
 
     Raises:
+      DataDirNotFoundError: the ``data_dir`` (or ``$METAJAX_DATA_DIR``) given does not exist;
+        nothing is created.
       DataNotFoundError: archives missing and not downloadable; names files and folder.
       ChecksumError: a download's checksum differs from the authors'.
       OmniglotFormatError: an archive is corrupt or has the wrong contents; nothing is cached.
+        An unreadable or mismatching cache is not an error: it is ignored with a warning
+        naming it, and rebuilt.
     """
     subsets = _check_subsets(subsets)
     if not isinstance(image_size, int | np.integer) or image_size < 1:
@@ -199,7 +213,7 @@ def load_omniglot(
     if source != "zip":
         raise ValueError(f"source={source!r}: use 'zip' (the archives) or 'tfds'")
 
-    folder = resolve_data_dir(data_dir) / "omniglot"
+    folder = require_data_dir(data_dir) / "omniglot"
     base_url = resolve_url(url, URL_ENV, OMNIGLOT_URL)
     ensure_files(folder, [FILES[s] for s in subsets], base_url, download=download,
                  progress=progress)
@@ -370,14 +384,21 @@ def _load_subset(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """(uint8 ink images, alphabets, characters, sha256) of one archive, via the cache."""
     sha = sha256_file(path)
-    cached = _read_cache(caches, _cache_name(subset, sha, size, resample), sha)
+    cached = _read_cache(caches, _cache_name(subset, sha, size, resample), sha, size)
     if cached is not None:
         return (*cached, sha)
 
+    spec = FILES[subset]
+    nbytes = path.stat().st_size
+    if nbytes > MAX_ARCHIVE_BYTES:
+        raise OmniglotFormatError(
+            f"{path}: {nbytes} bytes, far more than the original {spec.filename} "
+            f"({spec.size} bytes, sha256 {spec.sha256}); replace it with the original from "
+            f"{OMNIGLOT_URL}{spec.filename}"
+        )
     data = path.read_bytes()
     # Key the cache on the bytes actually decoded, in case the file changed since hashing.
     sha = hashlib.sha256(data).hexdigest()
-    spec = FILES[subset]
     if progress:
         print(f"preprocessing {path} (once; cached afterwards)", file=sys.stderr)
     images, alphabet, character = _decode_zip(data, path, subset, sha, size, resample)
@@ -398,19 +419,34 @@ def _cache_name(subset: str, sha: str, size: int, resample: str) -> str:
     return f"omniglot-{subset}-{sha[:16]}-{size}px-{resample}-v{_CACHE_VERSION}.npz"
 
 
-def _read_cache(caches: list[Path], name: str, sha: str):
+def _read_cache(caches: list[Path], name: str, sha: str, size: int):
+    """The first usable cache ``name`` among ``caches``: (images, alphabets, characters).
+
+    An unreadable cache, or one whose arrays do not match (checksum, dtype, shapes), is
+    skipped with a warning naming it; ``None`` when none is usable.
+    """
     for folder in caches:
         path = folder / name
         if not path.is_file():
             continue
         try:
-            with np.load(path, allow_pickle=False) as f:
-                images, alphabet, character = f["images"], f["alphabet"], f["character"]
-                ok = str(f["sha256"]) == sha and images.dtype == np.uint8
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            f = read_npz(path, ("images", "alphabet", "character", "sha256"))
+        except (OSError, DataFormatError) as e:
             warnings.warn(f"ignoring unreadable cache {path}: {e}", stacklevel=4)
             continue
-        if ok and images.shape[0] == alphabet.shape[0] == character.shape[0]:
+        images, alphabet, character, digest = (
+            f["images"], f["alphabet"], f["character"], f["sha256"]
+        )
+        n = images.shape[0] if images.ndim else -1
+        if (
+            digest.shape == ()
+            and digest.dtype.kind == "U"
+            and str(digest) == sha
+            and images.dtype == np.uint8
+            and images.shape == (n, DRAWINGS, size, size)
+            and alphabet.shape == character.shape == (n,)
+            and alphabet.dtype.kind == character.dtype.kind == "U"
+        ):
             return images, alphabet, character
         warnings.warn(f"ignoring cache {path}: it does not match its source", stacklevel=4)
     return None
@@ -447,28 +483,44 @@ def _decode_zip(data: bytes, path: Path, subset: str, sha: str, size: int, resam
 
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as e:
+        infos = archive.infolist()
+    except Exception as e:  # BadZipFile, and whatever else a crafted directory triggers
         raise fail(f"not a readable zip archive, truncated or corrupt ({e})") from e
     top = f"images_{subset}"
     groups: dict[tuple[str, str], list[zipfile.ZipInfo]] = defaultdict(list)
-    for info in archive.infolist():
+    for info in infos:
         parts = info.filename.split("/")
         # Some zip tools add macOS metadata or hidden files; they are not images.
         if info.is_dir() or parts[0] == "__MACOSX" or parts[-1].startswith("."):
             continue
-        if len(parts) != 4 or parts[0] != top or not parts[3].endswith(".png"):
+        if (
+            len(parts) != 4
+            or parts[0] != top
+            or not parts[3].endswith(".png")
+            # Nothing is extracted to disk, but "..", "" or "\" as an alphabet or character
+            # name can only come from a crafted archive.
+            or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts)
+        ):
             raise fail(
-                f"unexpected member {info.filename!r}; expected "
+                f"unexpected member {info.filename[:200]!r}; expected "
                 f"{top}/<alphabet>/<character>/<id>_<drawer>.png"
+            )
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise fail(
+                f"member {info.filename} declares {info.file_size} bytes, more than any "
+                f"Omniglot PNG ({MAX_MEMBER_BYTES} at most)"
             )
         groups[parts[1], parts[2]].append(info)
 
     def read(info: zipfile.ZipInfo) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(archive.read(info)), formats=("PNG",))
-            image.load()
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError) as e:
-            raise fail(f"member {info.filename} cannot be read ({e})") from e
+            # The size check comes before decoding: a PNG may declare any size.
+            if image.size == (SOURCE_SIZE, SOURCE_SIZE):
+                image.load()
+                image = image.convert("L")
+        except Exception as e:  # BadZipFile (CRC), zlib, PIL's errors, encrypted members, ...
+            raise fail(f"member {info.filename} cannot be read ({type(e).__name__}: {e})") from e
         if image.size != (SOURCE_SIZE, SOURCE_SIZE):
             raise fail(
                 f"member {info.filename} is {image.size[0]}x{image.size[1]} pixels, "

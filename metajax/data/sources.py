@@ -5,6 +5,11 @@ beside the destination and are renamed into place only after their size and sha2
 and caches are written the same way (:func:`atomic_save_npz`). Dataset pickles (mini-ImageNet
 caches, CIFAR-100 batches) are read by :func:`restricted_pickle_load`, which builds numpy
 arrays and plain containers and nothing else.
+
+Every expected failure of a loader is one exception, a ``ValueError`` or a
+``FileNotFoundError``, whose message names the file (and the archive member) and says what to
+do: :class:`DataFormatError` (a file that is truncated, corrupt or holds something else),
+:class:`ChecksumError`, :class:`DataNotFoundError` and :class:`DataDirNotFoundError`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,6 +45,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The data directory: ``data_dir`` if given, else ``$METAJAX_DATA_DIR``, else a user cache.
 
     The cache default is ``$XDG_CACHE_HOME/metajax`` (``~/.cache/metajax`` when unset).
+    Checks nothing; loaders use :func:`require_data_dir`.
     """
     if data_dir is not None:
         return Path(data_dir).expanduser()
@@ -46,6 +53,29 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return user_cache_dir()
+
+
+def require_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """:func:`resolve_data_dir`, after checking that a data directory the user named exists.
+
+    A directory given as ``data_dir`` (the command line's ``--data-dir``) or as
+    ``$METAJAX_DATA_DIR`` must exist: a mistyped path is reported, not created (downloads
+    then create only the dataset's subfolder inside it). The default, the user cache, is
+    created when a download needs it.
+
+    Raises:
+      DataDirNotFoundError: the named directory does not exist, or is not a directory.
+    """
+    path = resolve_data_dir(data_dir)
+    if data_dir is not None:
+        origin = "data_dir / --data-dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        origin = f"${DATA_DIR_ENV}"
+    else:
+        return path
+    if not path.is_dir():
+        raise DataDirNotFoundError(path, origin)
+    return path
 
 
 def user_cache_dir() -> Path:
@@ -61,9 +91,93 @@ def user_cache_dir() -> Path:
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """Write ``arrays`` to ``path`` as ``.npz`` through a temporary file and an atomic rename.
 
-    A reader sees either no file or the whole file, never a partial one.
+    A reader sees either no file or the whole file, never a partial one. Members are stored
+    uncompressed (``np.savez``), as :func:`read_npz` expects.
     """
     return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_npz(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of the ``.npz`` file at ``path`` (written by :func:`atomic_save_npz`).
+
+    Stricter than ``np.load``: no pickles (object arrays are refused), only uncompressed
+    members (as ``np.savez`` writes them), and every member's declared array size must match
+    the bytes it holds in the file, so a crafted header cannot make it allocate more memory
+    than the file's size. The arrays are read whole into memory.
+
+    Raises:
+      DataFormatError: not a zip archive, truncated or corrupt, a member missing, compressed,
+        an object array, or a header that does not match its data; names the file and member.
+      OSError: the file cannot be opened or read.
+    """
+    path = Path(path)
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        try:
+            archive = zipfile.ZipFile(file)
+        except Exception as e:  # BadZipFile, and whatever else a crafted directory triggers
+            raise DataFormatError(
+                f"{path}: not a readable .npz (zip) file, truncated or corrupt ({e}); delete it "
+                "so that it is written again"
+            ) from e
+        with archive:
+            for name in names:
+                out[name] = _read_npy_member(archive, path, f"{name}.npy", size)
+    return out
+
+
+def _read_npy_member(archive: zipfile.ZipFile, path: Path, member: str, size: int) -> np.ndarray:
+    def fail(problem: str) -> DataFormatError:
+        return DataFormatError(
+            f"{path}: member {member}: {problem}; delete the file so that it is written again"
+        )
+
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise fail("missing") from None
+    if info.is_dir() or info.compress_type != zipfile.ZIP_STORED:
+        raise fail("not an uncompressed array (as np.savez writes them)")
+    if info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+        raise fail(f"declares {info.file_size} bytes, more than the file holds")
+    try:
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise fail(f"npy format version {version} is not supported")
+            if dtype.hasobject:
+                raise fail(f"dtype {dtype} holds Python objects (pickles), which are refused")
+            count = 1
+            for n in shape:
+                count *= n
+            nbytes = count * dtype.itemsize
+            remaining = info.file_size - f.tell()
+            if nbytes != remaining:
+                raise fail(
+                    f"header declares {dtype} {shape} ({nbytes} bytes) but {remaining} bytes "
+                    "follow it"
+                )
+            flat = np.empty(count, dtype)
+            view = memoryview(flat.view(np.uint8)) if nbytes else memoryview(b"")
+            done = 0
+            while done < nbytes:
+                chunk = f.read(min(_CHUNK, nbytes - done))
+                if not chunk:
+                    raise fail(f"truncated after {done} of {nbytes} data bytes")
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
+    except DataFormatError:
+        raise
+    except Exception as e:  # BadZipFile (bad CRC), zlib.error, ValueError of a bad header, ...
+        raise fail(f"unreadable, truncated or corrupt ({type(e).__name__}: {e})") from e
+    if fortran:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -99,6 +213,36 @@ class DataNotFoundError(FileNotFoundError):
         )
         # One argument only: OSError treats two positional arguments as (errno, strerror).
         super().__init__("\n".join(lines))
+
+
+class DataDirNotFoundError(DataNotFoundError):
+    """The data directory the user named does not exist (or is a file); nothing was created.
+
+    Attributes: ``folder`` (the path), ``origin`` (where it was given: the ``data_dir``
+    argument or ``$METAJAX_DATA_DIR``); ``files`` and ``urls`` are empty.
+    """
+
+    def __init__(self, folder: str | os.PathLike, origin: str = "data_dir / --data-dir") -> None:
+        self.folder = Path(folder)
+        self.origin = origin
+        self.files = ()
+        self.urls = ()
+        what = "is not a directory" if self.folder.exists() else "does not exist"
+        self.reason = f"data directory {self.folder} {what}"
+        FileNotFoundError.__init__(
+            self,
+            f"data directory {self.folder} {what} (given as {origin}); create it first (the "
+            "download writes into it), or correct the path",
+        )
+
+
+class DataFormatError(ValueError):
+    """A dataset file is truncated, corrupt, or holds something else than the loader expects.
+
+    The base of every loader's format error (mini-ImageNet, CIFAR-100, Omniglot, MNIST and the
+    pickle and ``.npz`` readers here). The message names the file, and the member for an
+    archive, and says what to do (usually: replace the file with the original).
+    """
 
 
 class ChecksumError(ValueError):
@@ -300,16 +444,28 @@ def ensure_files(
 # --- Restricted unpickling (dataset pickles: mini-ImageNet caches, CIFAR-100 batches) ------
 
 
-class ForbiddenPickleError(pickle.UnpicklingError):
-    """A pickle asked for something a dataset pickle never needs; nothing was run."""
+class ForbiddenPickleError(DataFormatError, pickle.UnpicklingError):
+    """A pickle asked for something a dataset pickle never needs; nothing was run.
+
+    Both a :class:`DataFormatError` (so a ``ValueError``) and a ``pickle.UnpicklingError``.
+    """
+
+
+class PickleFormatError(DataFormatError, pickle.UnpicklingError):
+    """A pickle is truncated or malformed (not a tampered one: that is ForbiddenPickleError).
+
+    Both a :class:`DataFormatError` (so a ``ValueError``) and a ``pickle.UnpicklingError``.
+    """
 
 
 def _latin1_encode(obj: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
     # Python 3 writes bytes under pickle protocols 0-2 as _codecs.encode(text, "latin1"); no
     # other codec is needed, and refusing the rest keeps codec lookups out of reach.
+    if not isinstance(encoding, str) or not isinstance(errors, str):
+        raise ForbiddenPickleError("_codecs.encode called with a non-str encoding or errors.")
     if encoding.lower().replace("_", "-") not in ("latin1", "latin-1") or errors != "strict":
         raise ForbiddenPickleError(
-            f"_codecs.encode called with encoding={encoding!r}, errors={errors!r}; "
+            f"_codecs.encode called with encoding={encoding[:40]!r}, errors={errors[:40]!r}; "
             "only 'latin1' appears in numpy array pickles."
         )
     if not isinstance(obj, str):
@@ -321,7 +477,9 @@ def _empty_bytes(*args: object) -> bytes:
     # Protocols 0-2 write b"" (the data of an empty array) as bytes(); bytes(n) with an
     # attacker-chosen n would allocate n bytes, so arguments are refused.
     if args:
-        raise ForbiddenPickleError(f"bytes{args!r} is not allowed; only bytes() is.")
+        raise ForbiddenPickleError(
+            f"bytes() with {len(args)} argument(s) is not allowed; only bytes() is."
+        )
     return b""
 
 
@@ -334,17 +492,39 @@ def _numpy_callables() -> tuple[Callable[..., Any], Callable[..., Any], Callable
     return reconstruct, frombuffer, scalar
 
 
+class _NdarrayMarker:
+    """What ``numpy.ndarray`` resolves to: accepted by ``_reconstruct``, refused when called."""
+
+    __slots__ = ()  # no __dict__, so pickle's BUILD cannot set attributes on it
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise ForbiddenPickleError(
+            "numpy.ndarray called directly is refused (it would allocate memory of any size); "
+            "numpy pickles only pass it to _reconstruct."
+        )
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     reconstruct, frombuffer, scalar = _numpy_callables()
+    # numpy.ndarray stands for itself only as _reconstruct's first argument: called, it would
+    # allocate an array of any size the pickle names. A fresh marker is all it needs to be.
+    ndarray_marker = _NdarrayMarker()
 
     # Fresh wrappers rather than numpy's functions themselves: pickle's BUILD opcode can set
     # attributes on any object it has, and it must not reach shared module-level objects.
     def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
-        if subtype is not np.ndarray:
+        if subtype is not ndarray_marker:
             raise ForbiddenPickleError(
-                f"_reconstruct of {subtype!r} refused; only plain numpy.ndarray is allowed."
+                f"_reconstruct of a {type(subtype).__name__} refused; only plain numpy.ndarray "
+                "is allowed."
             )
-        return reconstruct(subtype, shape, dtype)
+        # numpy pickles an array as an empty one plus its state (shape, dtype, data); any
+        # other shape here would allocate memory the file does not hold.
+        if type(shape) is not tuple or len(shape) != 1 or type(shape[0]) is not int or shape[0]:
+            raise ForbiddenPickleError(
+                "_reconstruct with a shape other than (0,) refused; numpy always writes (0,)."
+            )
+        return reconstruct(np.ndarray, shape, dtype)
 
     def _frombuffer(*args: object) -> np.ndarray:
         return frombuffer(*args)
@@ -352,13 +532,19 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     def _scalar(*args: object) -> object:
         return scalar(*args)
 
+    def _encode(*args: Any, **kwargs: Any) -> bytes:
+        return _latin1_encode(*args, **kwargs)
+
+    def _bytes(*args: object) -> bytes:
+        return _empty_bytes(*args)
+
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): ndarray_marker,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
+        ("_codecs", "encode"): _encode,
         # Python 3 writes "__builtin__" for protocols < 3; Python 2 always does.
-        ("__builtin__", "bytes"): _empty_bytes,
-        ("builtins", "bytes"): _empty_bytes,
+        ("__builtin__", "bytes"): _bytes,
+        ("builtins", "bytes"): _bytes,
     }
     # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; Python 2 caches use numpy.core.
     for core in ("numpy.core", "numpy._core"):
@@ -368,8 +554,13 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals a numpy array pickle needs."""
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickler that resolves only the globals a numpy array pickle needs.
+
+    The pure-Python unpickler, not the C one: its memo is a dict, where the C unpickler
+    allocates (and zero-fills) a table up to the largest memo index a pickle names, so that
+    a nine-byte pickle can take gigabytes of memory and minutes.
+    """
 
     def __init__(self, file: BinaryIO) -> None:
         # latin1 turns Python 2 byte strings (array data, dict keys) into str that numpy
@@ -382,25 +573,88 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # refusal happens before anything is imported or called.
         try:
             return self._allowed[(module, name)]
-        except KeyError:
+        except (KeyError, TypeError):
+            shown = f"{str(module)[:80]}.{str(name)[:80]}"
             raise ForbiddenPickleError(
-                f"forbidden global '{module}.{name}' in pickle: a dataset pickle (mini-ImageNet "
+                f"forbidden global '{shown}' in pickle: a dataset pickle (mini-ImageNet "
                 "cache, CIFAR-100 batch) may only contain numpy arrays, dicts, lists, str, "
                 "bytes, int and float. The file may be tampered with or not the dataset file "
                 "it claims to be; nothing from it was run."
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise ForbiddenPickleError(f"persistent id {pid!r} in pickle is not allowed.")
+        raise ForbiddenPickleError(
+            f"persistent id (a {type(pid).__name__}) in pickle is not allowed."
+        )
 
 
-def restricted_pickle_load(file: BinaryIO) -> Any:
+class _TrackedReader:
+    """``file``'s ``read`` and ``readline``, remembering an error the file itself raised.
+
+    Errors of the file (a truncated archive under a member, an I/O error) are passed on as
+    they are; only errors of the pickle's contents become :class:`PickleFormatError`. A
+    ``MemoryError`` or ``OverflowError`` of a read is the pickle's: it asked for an absurd
+    number of bytes (a file object allocates the buffer for a read before filling it).
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.error: BaseException | None = None
+
+    def read(self, *args: Any) -> bytes:
+        try:
+            return self._file.read(*args)
+        except (MemoryError, OverflowError):
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def readline(self, *args: Any) -> bytes:
+        try:
+            return self._file.readline(*args)
+        except (MemoryError, OverflowError):
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def restricted_pickle_load(file: BinaryIO, name: str | os.PathLike | None = None) -> Any:
     """Unpickle ``file`` allowing only numpy arrays, numpy scalars and plain containers.
 
     Accepts pickles written by Python 3 with protocols 0-5 under numpy 1.x or 2.x, and Python 2
-    pickles (read with ``encoding="latin1"``). Any other global (``os.system``, ``eval``, a
-    custom class, ...) raises :class:`ForbiddenPickleError` (a ``pickle.UnpicklingError``)
-    naming it, before it is imported or called. The result's structure is not checked here;
-    see :func:`validate_cache_structure`.
+    pickles (read with ``encoding="latin1"``). The result's structure is not checked here;
+    see :func:`metajax.data.miniimagenet.validate_cache_structure`.
+
+    Args:
+      file: a binary file open for reading.
+      name: how messages name the file, e.g. its path or ``"<archive>: member <name>"``;
+        default ``file.name``, else ``"pickle"``.
+
+    Raises:
+      ForbiddenPickleError: a global other than the numpy ones (``os.system``, ``eval``, a
+        custom class, ...), named, refused before it is imported or called; or unsafe
+        arguments to an allowed one. Nothing from the file was run.
+      PickleFormatError: a truncated or malformed pickle.
+      Both are :class:`DataFormatError` (``ValueError``) and ``pickle.UnpicklingError``, and
+      their messages begin with ``name``. An error raised by ``file`` itself (``OSError``,
+      or a truncated archive under a member) is passed on unchanged.
     """
-    return _RestrictedUnpickler(file).load()
+    where = str(name if name is not None else getattr(file, "name", None) or "pickle")
+    reader = _TrackedReader(file)
+    try:
+        return _RestrictedUnpickler(reader).load()  # type: ignore[arg-type]
+    except ForbiddenPickleError as e:
+        raise ForbiddenPickleError(f"{where}: {e}") from None
+    except Exception as e:
+        if reader.error is not None and e is reader.error:
+            raise
+        # EOFError, UnpicklingError, and the ValueError, TypeError, KeyError, IndexError,
+        # OverflowError or MemoryError of malformed opcodes or of numpy rebuilding an array.
+        detail = str(e)[:200]
+        cause = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise PickleFormatError(
+            f"{where}: not a readable pickle, truncated or corrupt ({cause}); replace it with "
+            "a good copy of the original file"
+        ) from e
