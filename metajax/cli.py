@@ -1,13 +1,16 @@
 """The ``metajax`` command: ``presets``, ``train``, ``evaluate`` and ``continual``.
 
-Every command checks its input before anything is compiled; bad input is one line on
-stderr and exit status 2. The last line a command prints on stdout is one JSON object.
+Every command checks its input before anything is compiled. Every expected failure (bad
+configuration, bad or missing data, a run directory in use or holding another run,
+permission and disk errors, refused files, non-finite training) is one line on stderr
+naming the file or key, and exit status 2; an unexpected exception keeps its traceback. A
+run stopped by SIGINT / SIGTERM saves a checkpoint first and exits 130 / 143. The last line
+a command prints on stdout is one JSON object (strict JSON: non-finite numbers are null).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,8 +18,11 @@ from pathlib import Path
 from metajax.presets import PRESETS, get_preset
 from metajax.presets.config import Config
 from metajax.train.config import ConfigError
+from metajax.train.logging import dumps
+from metajax.train.loop import Interrupted, NonFiniteLoss
 
 USAGE_ERROR = 2
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 def _positive_int(text: str) -> int:
@@ -69,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its latest checkpoint (a new run "
+                       "when --out holds none); --steps (unless the outer learning rate "
+                       "decays over them) and time_budget_s may grow")
+    train.add_argument("--checkpoint-every", type=_non_negative_int, metavar="N",
+                       help="meta-steps between checkpoints (default: the config's, 0: by "
+                       "time only)")
+    train.add_argument("--on-nan", choices=("stop", "skip"),
+                       help="a non-finite meta-step ends the run (stop, the default) or is "
+                       "skipped and counted (skip); it is never applied")
 
     evaluate = sub.add_parser("evaluate", help="test a trained run on new tasks")
     evaluate.add_argument("run_dir", type=Path, help="a directory written by `metajax train`")
@@ -82,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="dataset folder (default: the run's)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=0,
                           help="seed of the test tasks (0)")
+    evaluate.add_argument("--write", action="store_true",
+                          help=f"also append the result to RUN_DIR/{EVALUATIONS_FILE}")
 
     continual = sub.add_parser(
         "continual", help="train a continual learner on a task stream and measure forgetting"
@@ -96,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="KEY=VALUE",
                            help="override a configuration field (repeatable)")
     continual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    continual.add_argument("--resume", action="store_true",
+                           help="continue the run in --out at its next unfinished task (a "
+                           "new run when --out holds none; a finished run writes its results "
+                           "again)")
     return parser
 
 
@@ -113,7 +135,7 @@ def _cmd_presets() -> int:
     print("# continual learning (metajax continual PRESET)")
     for name in sorted(CONTINUAL_PRESETS):
         print(f"{name:24s} {CONTINUAL_PRESETS[name][1]}")
-    print(json.dumps({"presets": sorted(PRESETS), "continual": sorted(CONTINUAL_PRESETS)}))
+    print(dumps({"presets": sorted(PRESETS), "continual": sorted(CONTINUAL_PRESETS)}))
     return 0
 
 
@@ -125,42 +147,119 @@ def _run_dir(out: Path | None, preset: str) -> Path:
     return run_dir
 
 
-def _train_config(args) -> tuple[Config, Path]:
-    from metajax.train.loop import run_config_matches
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
+
+def _train_config(args) -> Config:
     config = get_preset(args.preset).with_overrides(args.overrides)
-    if args.steps is not None:
-        config = config.with_overrides([f"steps={args.steps}"])
-    if args.seed is not None:
-        config = config.with_overrides([f"seed={args.seed}"])
-    if args.data_dir is not None:
-        config = config.with_overrides([f"data_dir={args.data_dir}"])
-    config.validate()
-    run_dir = _run_dir(args.out, config.preset)
-    if not run_config_matches(run_dir, config):
-        raise ConfigError(
-            f"--out {run_dir} holds a different run (its config.json differs); "
-            "choose another directory"
-        )
-    return config, run_dir
+    for flag, key in (("steps", "steps"), ("seed", "seed"), ("data_dir", "data_dir"),
+                      ("checkpoint_every", "checkpoint_every"), ("on_nan", "on_nan")):
+        if getattr(args, flag, None) is not None:
+            config = config.with_overrides([f"{key}={getattr(args, flag)}"])
+    return config.validate()
+
+
+def _locked(run_dir: Path, command: str, body, clean_failed_start: bool = True):
+    """Run ``body()`` holding ``run_dir``'s lock. With ``clean_failed_start``, a start that
+    fails before the run made progress removes the run files it wrote (only those: files
+    that were there before are kept), and the directory when it made it."""
+    from metajax.train.rundir import RunLock, has_progress, remove_new_run_files
+
+    lock = RunLock(run_dir, command, log=_log)
+    with lock:
+        before = {path.name for path in run_dir.iterdir()}
+        try:
+            return body()
+        except BaseException:
+            if clean_failed_start and not has_progress(run_dir):
+                remove_new_run_files(run_dir, before)
+                lock.release(remove_dir=True)
+            raise
 
 
 def _cmd_train(args) -> int:
-    config, run_dir = _train_config(args)
+    config = _train_config(args)
+    run_dir = _run_dir(args.out, config.preset)
+    return _locked(run_dir, "train", lambda: _train_locked(args, config, run_dir))
+
+
+def _claim(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
+    """Check what ``run_dir`` holds before a ``kind`` run of ``config`` writes into it (the
+    lock held) and record the run in ``run.json``; returns whether to resume.
+
+    A directory holding the other kind of run, or a run of another configuration, is
+    refused naming what differs; one holding this configuration's run needs ``--resume``.
+    ``run.json`` without progress is a start of ours that died before its first step (its
+    files are replaced); a ``config.json`` without ``run.json`` is a run of an earlier
+    version, compared like any other.
+    """
+    from metajax.train.loop import CONFIG_FILE
+    from metajax.train.rundir import (
+        RunDirError,
+        check_kind,
+        has_progress,
+        read_run_record,
+        remove_leftovers,
+        write_run_record,
+    )
+
+    remove_leftovers(run_dir)
+    record = read_run_record(run_dir)
+    check_kind(run_dir, kind, record)
+    resume = has_progress(run_dir)
+    foreign = record is None and (run_dir / CONFIG_FILE).is_file()
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise RunDirError(f"--out {run_dir} holds run files but no {CONFIG_FILE}; choose "
+                          "another directory")
+    if resume or foreign:
+        try:
+            existing = type(config).from_json_file(run_dir / CONFIG_FILE)
+        except ConfigError as err:
+            raise RunDirError(f"--out {run_dir} holds a different run ({err}); choose "
+                              "another directory") from None
+        if existing.fingerprint() != config.fingerprint():
+            changed = "; ".join(existing.differences(config)[:5])
+            raise RunDirError(f"--out {run_dir} holds a different run ({changed}); choose "
+                              "another directory")
+    if resume and not wants_resume:
+        raise RunDirError(f"--out {run_dir} already holds a run of this configuration; pass "
+                          "--resume to continue it (or print its results again), or choose "
+                          "another directory")
+    if not resume and wants_resume:
+        _log(f"metajax: nothing to resume in {run_dir}: starting a new run")
+    write_run_record(run_dir, kind, config.fingerprint())
+    return resume
+
+
+def _train_locked(args, config: Config, run_dir: Path) -> int:
+    resume = _claim(run_dir, "train", config, args.resume)
+
     from metajax.presets.build import build_learner, build_optimizer, build_problem
     from metajax.train.loop import train
 
     problem = build_problem(config)
     learner = build_learner(config, problem)
-    print(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
-          f"{config.steps} meta-steps -> {run_dir}", file=sys.stderr)
+    _log(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
+         f"{config.steps} meta-steps -> {run_dir}")
     summary = train(config, problem, learner, build_optimizer(config), run_dir,
-                    progress=not args.no_progress)
-    print(json.dumps(summary))
+                    progress=not args.no_progress, resume=resume, log=_log)
+    print(dumps(summary))
     return 0
 
 
 def _cmd_evaluate(args) -> int:
+    from metajax.train.loop import CONFIG_FILE
+
+    if not (args.run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{args.run_dir} is not a run directory: no {CONFIG_FILE}")
+    if args.write:
+        return _locked(args.run_dir, "evaluate", lambda: _evaluate(args),
+                       clean_failed_start=False)
+    return _evaluate(args)
+
+
+def _evaluate(args) -> int:
     from metajax.train.loop import CONFIG_FILE, PARAMS_FILE
 
     run_dir = args.run_dir
@@ -176,6 +275,7 @@ def _cmd_evaluate(args) -> int:
 
     from metajax.presets.build import build_learner, build_problem
     from metajax.train.checkpoint import load_params
+    from metajax.train.logging import append_jsonl
     from metajax.train.loop import BEST_PARAMS_FILE, evaluate_run
 
     problem = build_problem(config)
@@ -185,16 +285,22 @@ def _cmd_evaluate(args) -> int:
         params_file = BEST_PARAMS_FILE
     template = learner.init(problem.init_params(jax.random.PRNGKey(0)))
     meta_params = load_params(run_dir / params_file, template)
+    shots = args.shots or config.shots
+    queries = args.queries or config.eval_queries
+    per_task = max(config.ways, 1) * (shots + queries)
+    if per_task > 2**31 - 1:
+        raise ConfigError(f"--shots {shots} / --queries {queries}: {per_task} examples per task "
+                          "is more than this machine can index")
     result = evaluate_run(
         meta_params, learner, problem,
-        tasks=args.tasks,
-        shots=args.shots or config.shots,
-        queries=args.queries or config.eval_queries,
+        tasks=args.tasks, shots=shots, queries=queries,
         steps=args.steps or list(problem.default_eval_steps),
         seed=args.seed,
     )
     result.update({"run_dir": str(run_dir), "params": params_file})
-    print(json.dumps(result))
+    if args.write:
+        append_jsonl(run_dir / EVALUATIONS_FILE, result)
+    print(dumps(result))
     return 0
 
 
@@ -208,17 +314,30 @@ def _cmd_continual(args) -> int:
         config = config.with_overrides([f"data_dir={args.data_dir}"])
     config.validate()
     run_dir = _run_dir(args.out, config.preset)
-    if (run_dir / "metrics.json").exists():
-        raise ConfigError(f"--out {run_dir} already holds a finished run; choose another")
+    return _locked(run_dir, "continual", lambda: _continual_locked(args, config, run_dir))
+
+
+def _continual_locked(args, config, run_dir: Path) -> int:
+    resume = _claim(run_dir, "continual", config, args.resume)
 
     from metajax.presets.build_continual import run_experiment
 
-    summary = run_experiment(
-        config, run_dir, progress=not args.no_progress,
-        log=lambda message: print(message, file=sys.stderr),
-    )
-    print(json.dumps(summary))
+    summary = run_experiment(config, run_dir, progress=not args.no_progress, resume=resume,
+                             log=_log)
+    print(dumps(summary))
     return 0
+
+
+def _raised_by_metajax(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    package = Path(__file__).resolve().parent
+    return Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(package)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +351,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "continual":
             return _cmd_continual(args)
         return _cmd_evaluate(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except NonFiniteLoss as err:
+        return _fail(str(err))
+    except Interrupted as err:
+        _log(f"metajax: {err}")
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        _log("metajax: interrupted")
+        return 130
+    except ConfigError as err:
         return _fail(str(err).replace("\n", " "))
+    except (ValueError, OSError) as err:
+        # Expected: raised by metajax's own checks (data, checkpoints, sizes) or by the
+        # operating system (permissions, disk, paths). A ValueError from inside a library
+        # (jax, orbax, numpy) is a bug to report: its traceback is kept.
+        if isinstance(err, OSError) or _raised_by_metajax(err):
+            return _fail(str(err).replace("\n", " "))
+        raise
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from metajax.cli import main
+from metajax.train.logging import read_jsonl
 
 
 def run_main(capsys, *argv):
@@ -125,14 +126,21 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
         assert figures["mean"] > 0 and figures["ci95"] > 0
     assert result["by_steps"]["2"]["mean"] != result["by_steps"]["0"]["mean"]
 
-    # The same configuration may be trained again into the same directory.
-    status, out2, _ = run_main(
-        capsys, "train", "sinusoid-maml", "--steps", "60", "--out", str(run_dir), "--seed", "3",
-        "--no-progress", "--set", "log_every=20", "--set", "eval_every=40",
-        "--set", "eval_tasks=8",
-    )
+    # The same configuration into the same directory is refused without --resume; into
+    # another directory it gives the same figures (deterministic for a seed).
+    same = ("train", "sinusoid-maml", "--steps", "60", "--seed", "3", "--no-progress",
+            "--set", "log_every=20", "--set", "eval_every=40", "--set", "eval_tasks=8")
+    status, _, err = run_main(capsys, *same, "--out", str(run_dir))
+    assert status == 2 and "--resume" in err.strip().splitlines()[-1]
+    status, out2, _ = run_main(capsys, *same, "--out", str(tmp_path / "again"))
     assert status == 0
-    assert last_json(out2)["meta_loss"] == summary["meta_loss"]  # deterministic for a seed
+    assert last_json(out2)["meta_loss"] == summary["meta_loss"]
+    # --resume on a finished run trains nothing and reports the same result.
+    status, out3, _ = run_main(capsys, *same, "--out", str(run_dir), "--resume")
+    assert status == 0
+    resumed = last_json(out3)
+    assert resumed["resumed_from"] == 60 and resumed["meta_loss"] == summary["meta_loss"]
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == len(lines)
 
 
 def test_console_script_reports_errors_with_status_2():

@@ -64,17 +64,16 @@ def steps_logged(records):
 
 
 @pytest.mark.parametrize("kill_after_lines", [1, 5, 9])
-def test_sigkill_then_resume_ends_bitwise_equal(tmp_path, reference, kill_after_lines):
+def test_sigkill_then_resume_ends_bitwise_equal(tmp_path, capsys, reference,
+                                                kill_after_lines):
     run_dir = tmp_path / "run"
     proc = start_and_wait(run_dir, kill_after_lines)
     proc.kill()
     proc.wait()
     assert train_lines(run_dir) < 12  # killed before the end
     # Without --resume the directory is refused, naming the flag.
-    refused = subprocess.run(command(*RUN, "--out", str(run_dir)), capture_output=True,
-                             text=True)
-    assert refused.returncode == 2
-    assert "--resume" in refused.stderr.strip().splitlines()[-1]
+    assert main([*RUN, "--out", str(run_dir)]) == 2
+    assert "--resume" in capsys.readouterr().err.strip().splitlines()[-1]
     resumed = subprocess.run(command(*RUN, "--out", str(run_dir), "--resume"),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -217,7 +216,7 @@ def assert_no_nonfinite_saved(run_dir: Path, config, problem, learner):
     template = learner.init(problem.init_params(jax.random.PRNGKey(0)))
     state_template = {"meta_params": template,
                       "opt_state": build_optimizer(config).init(template),
-                      "key": jax.random.PRNGKey(0)}
+                      "key": jax.random.PRNGKey(0), "best_params": template}
     for name in ("meta_params.msgpack", "best_meta_params.msgpack"):
         if (run_dir / name).exists():
             load_params(run_dir / name, template)  # raises on a non-finite value
@@ -274,3 +273,47 @@ def test_huge_outer_lr_exits_2_and_saves_no_nan(tmp_path, capsys):
     for path in run_dir.rglob("*") if run_dir.exists() else []:
         if path.suffix in (".json", ".jsonl"):
             assert "NaN" not in path.read_text()
+
+
+def test_resume_with_no_steps_left_ends_on_its_checkpoint(tmp_path):
+    config = small_sinusoid(steps=40, on_nan="stop", checkpoint_every=10)
+    problem = build_problem(config)
+    learner = build_learner(config, problem)
+    with pytest.raises(NonFiniteLoss):  # stops at step 25: checkpoints 10, 20 (unfinished)
+        train(config, problem, nan_at(learner, 25), build_optimizer(config), tmp_path,
+              progress=False, log=lambda m: None)
+    shorter = dataclasses.replace(config, steps=20)
+    summary = train(shorter, problem, learner, build_optimizer(shorter), tmp_path,
+                    progress=False, resume=True, log=lambda m: None)
+    assert summary["step"] == 20 and summary["resumed_from"] == 20
+    steps = [(r["step"], "meta_loss" in r) for r in read_jsonl(tmp_path / "metrics.jsonl")]
+    assert len(steps) == len(set(steps))  # nothing logged twice
+    again = train(shorter, problem, learner, build_optimizer(shorter), tmp_path,
+                  progress=False, resume=True, log=lambda m: None)
+    assert again["step"] == 20 and len(read_jsonl(tmp_path / "metrics.jsonl")) == len(steps)
+
+
+def test_a_new_run_does_not_keep_an_old_runs_checkpoints(tmp_path):
+    config = small_sinusoid(steps=10)
+    problem = build_problem(config)
+    learner = build_learner(config, problem)
+    train(config, problem, learner, build_optimizer(config), tmp_path, progress=False,
+          log=lambda m: None)
+    other = dataclasses.replace(config, steps=5, seed=9)
+    train(other, problem, learner, build_optimizer(other), tmp_path, progress=False,
+          log=lambda m: None)
+    checkpoints = Checkpoints(tmp_path)
+    assert checkpoints.steps() == [5]
+    checkpoints.close()
+
+
+def test_a_failed_start_keeps_files_it_did_not_write(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "model_epoch3.pt").write_text("user's")
+    (run_dir / "notes.tmp").write_text("user's")
+    (run_dir / "config.json").write_text(json.dumps({"preset": "other", "steps": 3}))
+    status = main(["train", "sinusoid-maml", "--out", str(run_dir), "--no-progress"])
+    assert status == 2 and "holds a different run" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.rglob("*")) == \
+        ["checkpoints", "config.json", "model_epoch3.pt", "notes.tmp"]

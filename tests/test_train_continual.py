@@ -122,9 +122,13 @@ def test_cli_run_directory_and_summary(fake_mnist, tmp_path, capsys):
     image = Image.open(out / "acc_matrix.png")
     assert image.format == "PNG" and min(image.size) > 60
 
-    # A finished run is never overwritten.
+    # A finished run is never overwritten: the same configuration is pointed to --resume,
+    # another one is told what differs.
+    assert main(["continual", "perm-mnist-er", "--out", str(out), "--seeds", "2", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run of this configuration" in err and "--resume" in err
     assert main(["continual", "perm-mnist-er", "--out", str(out), *SMALL]) == 2
-    assert "already holds a finished run" in capsys.readouterr().err
+    assert "holds a different run (seeds: 2 -> 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

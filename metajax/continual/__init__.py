@@ -50,9 +50,10 @@ from metajax.continual.memory import (
 from metajax.continual.mer import MERState, mer
 from metajax.continual.metrics import metrics
 from metajax.continual.projections import nnls, project_agem, project_gem
-from metajax.continual.run import run
+from metajax.continual.run import NonFiniteTask, run
 
 __all__ = [
+    "NonFiniteTask",
     "AGEMState",
     "agem",
     "ERState",

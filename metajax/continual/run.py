@@ -5,6 +5,10 @@
 one row of the accuracy matrix ``R [T, T]``, which :func:`metajax.continual.metrics` turns
 into ACC, BWT, forgetting, FWT and LCA. Everything between two tasks runs on device in one
 compiled call.
+
+A run can be checkpointed at every task boundary and resumed at the next unfinished task
+(``on_task_state`` / ``resume_from``), with results bit for bit those of a run never
+interrupted; a task that leaves the learner state non-finite raises :class:`NonFiniteTask`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,35 @@ from metajax.continual.learners import ContinualLearner
 from metajax.continual.metrics import metrics as summarize
 from metajax.task_map import check_task_map, map_tasks
 from metajax.types import PyTree, Stream
+
+Carry = dict[str, Any]
+"""Everything :func:`run` needs to continue after a task: a dict of arrays (a pytree with a
+fixed structure and fixed shapes, whatever the task), see :func:`run`'s ``on_task_state``."""
+
+
+class NonFiniteTask(ValueError):
+    """Training on task ``task`` left NaN or infinity in the learner state (parameters,
+    optimiser state, memory ...); ``seeds`` lists the seeds concerned (None without seeds)."""
+
+    def __init__(self, message: str, task: int, seeds: list[int] | None = None):
+        super().__init__(message)
+        self.task = task
+        self.seeds = seeds
+
+
+def _nonfinite_leaves(tree: PyTree) -> list[str]:
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree)):
+        value = np.asarray(leaf)
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+            bad.append("state" + jax.tree_util.keystr(path))
+    return bad
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 class _DeviceStream(NamedTuple):
@@ -52,6 +85,8 @@ def run(
     seeds: Sequence[int] | None = None,
     on_task: Callable[[int, np.ndarray], None] | None = None,
     seed_map: Any = "vmap",
+    on_task_state: Callable[[int, Carry], None] | None = None,
+    resume_from: tuple[int, Carry] | Callable[[Carry], tuple[int, Carry] | None] | None = None,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task; return ``R [T, T]`` and its metrics.
 
@@ -95,6 +130,28 @@ def run(
       on_task: optional ``on_task(t, row)`` called on the host after task ``t`` is trained,
         with ``row`` the accuracies on every task (``[T]``, or ``[len(seeds), T]``): for
         progress and for saving partial results as they arrive.
+      on_task_state: optional ``on_task_state(t, carry)`` called after ``on_task``, with
+        everything needed to continue after task ``t``: a dict (a pytree of arrays whose
+        structure and shapes do not depend on ``t``) holding the learner ``"state"``, the
+        ``"train_key"``, ``"random_init_acc"`` and, with a leading ``[T]`` task axis filled
+        up to ``t`` (zeros after), ``"acc_rows"``, ``"train_metrics"`` (a dict) and, with
+        ``lca_batches``, ``"lca_curves"``. Save it (e.g. with orbax) to checkpoint the run;
+        it is not modified afterwards.
+        An exception raised here ends the run (the carry of ``t`` is complete).
+      resume_from: ``(t_done, carry)``, a carry given to ``on_task_state`` after task
+        ``t_done`` (possibly restored from disk, as numpy arrays): the run skips tasks ``0 ..
+        t_done`` and continues with ``t_done + 1``; the result is bit for bit that of a run
+        never interrupted (every task draws its keys from ``fold_in(train_key, t)``). Or a
+        function ``resume_from(template) -> (t_done, carry) | None``, called with the carry
+        of a fresh start (the structure, shapes and dtypes a restore needs; its values are
+        those before task 0): returning None starts from scratch. The other arguments must
+        be those of the interrupted run.
+
+    Raises:
+      NonFiniteTask: a task left NaN or infinity in the learner state; raised after that
+        task, before ``on_task`` and ``on_task_state`` see it. The message names the task,
+        the seeds and the state's non-finite leaves.
+      ValueError: a bad argument, or a ``resume_from`` whose carry does not match this run.
 
     Returns:
       A dict with ``"acc_matrix"`` (numpy ``[T, T]``), ``"random_init_acc"`` (``[T]``),
@@ -184,7 +241,7 @@ def run(
         means = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         if learner.end_task is not None:
             state = learner.end_task(state, task)
-        return state, evaluate_all(state.params, data), curve, means
+        return state, evaluate_all(state.params, data), curve, means, _all_finite(state)
 
     if seeds is None:
         state, train_key = start(key)
@@ -204,31 +261,69 @@ def run(
         init_eval, train = jax.jit(init_eval), jax.jit(train)
         task_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
+    def key_of(t):
+        return jax.random.fold_in(train_key, t) if seeds is None else task_keys(train_key, t)
+
     random_init_acc = init_eval(state.params, data)
-    rows, curves, train_metrics = [], [], []
-    for t in range(num_tasks):
-        if seeds is None:
-            task_key = jax.random.fold_in(train_key, t)
-        else:
-            task_key = task_keys(train_key, t)
-        state, row, curve, means = train(state, data, jnp.int32(t), task_key)
-        rows.append(row)
-        curves.append(curve)
+    # The carry's per-task buffers, [T, ...] on the host: one row per finished task.
+    _, row_shape, curve_shape, means_shape, _ = jax.eval_shape(
+        train, state, data, jnp.int32(0), key_of(0))
+    carry: Carry = {
+        "state": state,
+        "train_key": train_key,
+        "random_init_acc": random_init_acc,
+        "acc_rows": np.zeros((num_tasks, *row_shape.shape), row_shape.dtype),
+        "train_metrics": {name: np.zeros((num_tasks, *m.shape), m.dtype)
+                          for name, m in means_shape.items()},
+    }
+    if lca_batches:
+        carry["lca_curves"] = np.zeros((num_tasks, *curve_shape.shape), curve_shape.dtype)
+    first = 0
+    if resume_from is not None:
+        resumed = resume_from(carry) if callable(resume_from) else resume_from
+        if resumed is not None:
+            t_done, saved = resumed
+            carry = _check_carry(carry, t_done, saved, num_tasks)
+            state, train_key = carry["state"], carry["train_key"]
+            random_init_acc = carry["random_init_acc"]
+            first = t_done + 1
+
+    for t in range(first, num_tasks):
+        state, row, curve, means, finite = train(state, data, jnp.int32(t), key_of(t))
+        finite = np.asarray(finite)
+        if not finite.all():
+            bad = _nonfinite_leaves(state)
+            which = None if seeds is None else [s for s, ok in zip(seeds, finite, strict=True)
+                                               if not ok]
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise NonFiniteTask(
+                f"task {t} of {num_tasks}"
+                + ("" if which is None else f" (seed{'s' if len(which) > 1 else ''} "
+                   f"{', '.join(map(str, which))})")
+                + f" made the learner state non-finite: NaN or infinity in {shown}",
+                t, which,
+            )
+        carry["acc_rows"][t] = np.asarray(row)
+        for name, value in means.items():
+            carry["train_metrics"][name][t] = np.asarray(value)
+        if lca_batches:
+            carry["lca_curves"][t] = np.asarray(curve)
+        carry["state"] = state
         if on_task is not None:
             on_task(t, np.asarray(row, np.float64))
-        train_metrics.append(means)
+        if on_task_state is not None:
+            on_task_state(t, {**carry, **_copied_buffers(carry)})
 
     task_axis = 0 if seeds is None else 1
-    R = np.asarray(jnp.stack(rows, axis=task_axis), np.float64)
+    R = np.asarray(np.moveaxis(carry["acc_rows"], 0, task_axis), np.float64)
     baseline = np.asarray(random_init_acc, np.float64)
-    lca_curve = np.asarray(jnp.stack(curves, axis=task_axis), np.float64) if lca_batches else None
+    lca_curve = (np.asarray(np.moveaxis(carry["lca_curves"], 0, task_axis), np.float64)
+                 if lca_batches else None)
     out: dict[str, Any] = {
         "acc_matrix": R,
         "random_init_acc": baseline,
-        "train_metrics": {
-            name: np.asarray(jnp.stack([m[name] for m in train_metrics], axis=-1))
-            for name in train_metrics[0]
-        },
+        "train_metrics": {name: np.moveaxis(values, 0, -1)
+                          for name, values in carry["train_metrics"].items()},
     }
     if lca_curve is not None:
         out["lca_curve"] = lca_curve
@@ -248,3 +343,40 @@ def run(
     out["per_seed"] = per_seed
     out["seeds"] = seeds
     return out
+
+
+def _copied_buffers(carry: Carry) -> Carry:
+    out = {name: carry[name].copy() for name in ("acc_rows", "lca_curves") if name in carry}
+    out["train_metrics"] = {k: v.copy() for k, v in carry["train_metrics"].items()}
+    return out
+
+
+def _dtype(x) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def _check_carry(template: Carry, t_done: int, saved: Carry, num_tasks: int) -> Carry:
+    """``saved`` as the carry of this run (arrays on the device), after checking that it has
+    the template's structure, shapes and dtypes and that ``t_done`` is one of its tasks."""
+    if isinstance(t_done, bool) or not isinstance(t_done, numbers.Integral) \
+            or not 0 <= t_done < num_tasks:
+        raise ValueError(f"resume_from: the last finished task must be in [0, {num_tasks - 1}], "
+                         f"got {t_done!r}")
+    if jax.tree_util.tree_structure(template) != jax.tree_util.tree_structure(saved):
+        raise ValueError("resume_from: the carry's structure is not this run's (another "
+                         "learner, model, number of seeds or lca_batches?)")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(template),
+                            jax.tree.leaves(saved), strict=True):
+        if np.shape(a) != np.shape(b) or _dtype(a) != _dtype(b):
+            raise ValueError(f"resume_from: carry{jax.tree_util.keystr(path)} is "
+                             f"{np.shape(b)} {_dtype(b)}, this run has {np.shape(a)} "
+                             f"{_dtype(a)}")
+    carry = dict(saved)
+    carry["state"] = jax.tree.map(jnp.asarray, saved["state"])
+    carry["train_key"] = jnp.asarray(saved["train_key"])
+    carry["random_init_acc"] = jnp.asarray(saved["random_init_acc"])
+    for name in ("acc_rows", "lca_curves"):
+        if name in saved:
+            carry[name] = np.array(saved[name])
+    carry["train_metrics"] = {k: np.array(v) for k, v in saved["train_metrics"].items()}
+    return carry

@@ -193,10 +193,13 @@ def run_experiment(
     run_dir: str | Path,
     *,
     progress: bool = True,
+    resume: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build ``config``'s stream, model and learner, train, and write ``run_dir``
-    (:func:`metajax.train.continual.train_continual`: the files and the summary)."""
+    (:func:`metajax.train.continual.train_continual`: the files, the checkpoints and the
+    summary). With ``resume``, continue after the latest task checkpoint in ``run_dir``,
+    which must be of a configuration with the same :meth:`~ContinualConfig.fingerprint`."""
     from metajax.train.continual import train_continual
 
     config.validate()
@@ -208,8 +211,8 @@ def run_experiment(
         learner, stream, init, apply_fn, run_dir,
         batch_size=protocol["batch_size"], epochs=protocol["epochs"],
         lca_batches=config.lca_batches, seeds=config.seeds, seed=config.seed,
-        config_json=config.to_json(),
+        config_json=config.to_json(), fingerprint=config.fingerprint(),
         labels={"preset": config.preset, "learner": config.learner,
                 "benchmark": config.benchmark},
-        progress=progress, log=log,
+        progress=progress, resume=resume, log=log,
     )

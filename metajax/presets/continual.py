@@ -87,7 +87,13 @@ class ContinualConfig(FlatConfig):
         learner's randomness differ; the stream is the same).
       seed: seed of the stream and of the run's keys.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+
+    Where the data lives (:attr:`RUN_CONTROL`) may change when a run is resumed; every other
+    field is part of the configuration's :meth:`fingerprint`, since each changes the result
+    (``preset`` too: it names the run in its summary).
     """
+
+    RUN_CONTROL = ("data_dir",)
 
     preset: str = "custom"
     benchmark: str = "lamaml_permuted_mnist"

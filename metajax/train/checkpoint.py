@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metajax._files import atomic_write
@@ -35,7 +36,8 @@ def _nonfinite_leaves(tree: PyTree) -> list[str]:
     bad = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         value = np.asarray(leaf)
-        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+        # jnp.issubdtype knows bfloat16 and the float8 types (np.issubdtype does not).
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(value).all():
             bad.append(jax.tree_util.keystr(path))
     return bad
 

@@ -6,20 +6,28 @@ batch size and epochs), the way :func:`metajax.train.loop.train` receives a ``Pr
 runs :func:`metajax.continual.run` and writes the run directory:
 
 - ``config.json``: the configuration (given as JSON text);
+- ``checkpoints/<t>``: the whole state after task ``t`` (learner state, keys, the accuracy
+  rows so far; :class:`~metajax.train.checkpoint.Checkpoints`), written at every task
+  boundary, so that a killed or interrupted run resumes at the next unfinished task;
 - ``tasks.jsonl``: one line per finished task (its accuracy row), written as the run goes,
-  so an interrupted run keeps what it measured;
+  each after its checkpoint, so an interrupted run keeps what it measured;
 - ``acc_matrix.json``: the accuracy matrix (per seed with several seeds) and the initial
   accuracies;
 - ``acc_matrix.png``: a heatmap of the (seed-averaged) accuracy matrix;
 - ``metrics.json``: every metric of :func:`metajax.continual.metrics` (mean, std and per seed
   with several seeds), the wall time, the learner's training metrics per task.
 
-Nothing here knows an algorithm or a benchmark by name.
+Every file is strict JSON: a non-finite number is written as ``null`` (with a
+``<key>_nonfinite`` sibling naming it), never as a bare ``NaN``. Nothing here knows an
+algorithm or a benchmark by name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,15 +38,18 @@ import numpy as np
 
 from metajax._files import atomic_write
 from metajax.continual.learners import ContinualLearner
-from metajax.continual.run import run
-from metajax.train.logging import to_jsonable
-from metajax.train.loop import CONFIG_FILE
+from metajax.continual.run import NonFiniteTask, run
+from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
+from metajax.train.config import ConfigError
+from metajax.train.logging import append_jsonl, dumps, to_jsonable
+from metajax.train.loop import CONFIG_FILE, Interrupted, StopSignals
 from metajax.types import Stream
 
 TASKS_FILE = "tasks.jsonl"
 MATRIX_FILE = "acc_matrix.json"
 HEATMAP_FILE = "acc_matrix.png"
 SUMMARY_FILE = "metrics.json"
+RESULT_FILES = (MATRIX_FILE, HEATMAP_FILE, SUMMARY_FILE)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -47,6 +58,23 @@ def _write_text(path: Path, text: str) -> None:
 
 def _json_ready(value):
     return to_jsonable(value, digits=6)
+
+
+def _truncate_tasks(path: Path, last_task: int) -> None:
+    """Keep the lines of ``tasks.jsonl`` of tasks ``0 .. last_task`` (later ones came from
+    work a resumed run does again; a torn last line is dropped)."""
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("task"), int) \
+                    and record["task"] <= last_task:
+                kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def train_continual(
@@ -62,11 +90,26 @@ def train_continual(
     seeds: int = 1,
     seed: int = 0,
     config_json: str = "{}",
+    fingerprint: str | None = None,
     labels: dict[str, str] | None = None,
     progress: bool = True,
+    resume: bool = False,
+    keep_checkpoints: int = 2,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task and write ``run_dir``.
+
+    After every task the whole state is checkpointed (``checkpoints/<task>``), then the
+    task's line is appended to ``tasks.jsonl``. With ``resume``, the run continues after the
+    latest checkpoint's task (whose ``fingerprint`` must be this run's) and ends with the
+    same accuracy matrix and parameters, bit for bit, as a run never interrupted;
+    ``tasks.jsonl`` keeps the lines of the tasks that checkpoint holds. A run whose last
+    task is checkpointed only writes its result files again. Without ``resume``, earlier
+    checkpoints and results in ``run_dir`` are deleted and the run starts from task 0.
+
+    SIGINT or SIGTERM: the current task finishes, is checkpointed, and
+    :class:`~metajax.train.loop.Interrupted` is raised (``step``: the task); a second
+    SIGINT quits at once. During the last task, the run just completes.
 
     Args:
       learner: a :class:`~metajax.continual.ContinualLearner`.
@@ -79,63 +122,145 @@ def train_continual(
       lca_batches: LCA's beta (0 skips LCA).
       seeds: independent runs, trained at once under ``vmap``.
       seed: seed of the run's keys.
-      config_json: the configuration, written as ``config.json``.
+      config_json: the configuration, written (atomically) as ``config.json``; with
+        ``resume``, once the checkpoint is found to be of the same ``fingerprint``.
+      fingerprint: what identifies the run's result in its checkpoints (default: a hash of
+        ``config_json``); a checkpoint of another fingerprint is not resumed.
       labels: ``preset``, ``learner`` and ``benchmark`` names, copied into the summary and
         the heatmap title (missing ones are left out).
       progress: show a progress bar over tasks.
-      log: called with one line describing the run before it starts.
+      resume: continue from the latest checkpoint in ``run_dir`` (from task 0 when there is
+        none).
+      keep_checkpoints: how many of the latest task checkpoints to keep.
+      log: called with one-line reports (the run, a resume, a signal).
 
     Returns:
       The summary printed by ``metajax continual``: ``avg_accuracy`` (ACC, La-MAML's RA),
       ``forgetting`` (A-GEM's), ``bwt`` (BTI), ``fwt``, ``lca`` (when ``lca_batches``), their
       standard deviations over seeds (``std``), the seed-mean ``acc_matrix``, ``tasks``,
-      ``seeds``, the ``labels``, ``wall_s`` and ``run_dir``.
+      ``seeds``, the ``labels``, ``wall_s`` (all attempts), ``resumed_after`` (the task the
+      run resumed after, or None) and ``run_dir``.
+
+    Raises:
+      NonFiniteTask: a task left NaN or infinity in the learner state; nothing of that task
+        is saved, the checkpoints of the earlier tasks are kept.
+      Interrupted: SIGINT or SIGTERM, after the checkpoint of the current task.
+      ConfigError: with ``resume``, the checkpoint belongs to another configuration.
     """
     labels = dict(labels or {})
     say = log or (lambda message: None)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(run_dir / CONFIG_FILE, config_json)
+    if fingerprint is None:
+        fingerprint = hashlib.sha256(config_json.encode()).hexdigest()[:16]
+    num_tasks = stream.num_tasks
+    tasks_path = run_dir / TASKS_FILE
+    if not resume:
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for name in RESULT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        _truncate_tasks(tasks_path, -1)
+        _write_text(run_dir / CONFIG_FILE, config_json)
     say(f"{labels.get('preset', 'custom')}: {labels.get('learner', 'learner')} on "
-        f"{labels.get('benchmark', 'stream')}, {stream.num_tasks} tasks of "
+        f"{labels.get('benchmark', 'stream')}, {num_tasks} tasks of "
         f"{stream.train_y.shape[1]} examples, {seeds} seed(s) -> {run_dir}")
 
-    tasks_path = run_dir / TASKS_FILE
-    tasks_path.write_text("")
+    checkpoints = Checkpoints(run_dir, keep=keep_checkpoints)
+    resumed_after: int | None = None
+    wall_before = 0.0
+
+    def restore(template):
+        nonlocal resumed_after, wall_before
+        latest = checkpoints.latest_step()
+        if latest is None:
+            say(f"metajax: no checkpoint in {run_dir}: starting from task 0")
+            _truncate_tasks(tasks_path, -1)
+            _write_text(run_dir / CONFIG_FILE, config_json)
+            return None
+        where = checkpoints.directory / str(latest)
+        carry, record = checkpoints.restore(latest, template)
+        if record.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{where}: checkpoint of another configuration (fingerprint "
+                f"{record.get('fingerprint')}, this run {fingerprint}); choose another --out"
+            )
+        if record.get("task") != latest or latest >= num_tasks:
+            raise ValueError(f"{where}: checkpoint of task {record.get('task')!r}, not of "
+                             f"one of this stream's {num_tasks} tasks")
+        resumed_after, wall_before = latest, float(record.get("wall_s") or 0.0)
+        _truncate_tasks(tasks_path, latest)
+        _write_text(run_dir / CONFIG_FILE, config_json)  # only once the checkpoint is ours
+        if latest == num_tasks - 1:
+            say(f"metajax: {run_dir} holds all {num_tasks} tasks: writing its results again")
+        else:
+            say(f"metajax: resuming {run_dir} after task {latest} of {num_tasks}")
+        return latest, carry
+
     start = time.perf_counter()
+
+    def elapsed() -> float:
+        return wall_before + time.perf_counter() - start
+
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=stream.num_tasks, desc="tasks", unit="task")
+        bar = tqdm(total=num_tasks, desc="tasks", unit="task")
 
-    def on_task(t: int, row: np.ndarray) -> None:
+    def on_task_state(t: int, carry: dict) -> None:
+        wall = round(elapsed(), 3)
+        checkpoints.save(t, carry, {"task": t, "tasks": num_tasks, "seeds": seeds,
+                                    "fingerprint": fingerprint, "wall_s": wall})
+        row = np.asarray(carry["acc_rows"][t], np.float64)
         mean_row = row if row.ndim == 1 else row.mean(axis=0)
         record = {"task": t, "acc": _json_ready(row),
                   "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), 6),
-                  "wall_s": round(time.perf_counter() - start, 3)}
-        with tasks_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+                  "wall_s": wall}
+        append_jsonl(tasks_path, record)
         if bar is not None:
             bar.set_postfix(acc=f"{record['mean_acc_so_far']:.4f}")
             bar.update(1)
+        if stop.signum is not None and t < num_tasks - 1:
+            raise Interrupted(
+                f"interrupted by {signal.Signals(stop.signum).name} after task {t} of "
+                f"{num_tasks}; the checkpoint is saved: rerun with --resume to continue",
+                t, stop.signum,
+            )
 
     seed_list = list(range(seeds)) if seeds > 1 else None
     try:
-        result = run(
-            learner, stream, jax.random.PRNGKey(seed),
-            params=init, apply_fn=apply_fn, batch_size=batch_size,
-            epochs=epochs, lca_batches=lca_batches, seeds=seed_list,
-            on_task=on_task,
-        )
+        with StopSignals("task") as stop:
+            try:
+                result = run(
+                    learner, stream, jax.random.PRNGKey(seed),
+                    params=init, apply_fn=apply_fn, batch_size=batch_size,
+                    epochs=epochs, lca_batches=lca_batches, seeds=seed_list,
+                    on_task_state=on_task_state, resume_from=restore if resume else None,
+                )
+            except NonFiniteTask as err:
+                good = checkpoints.latest_step()
+                kept = ("no checkpoint was written" if good is None
+                        else f"the checkpoints up to task {good} are kept")
+                raise NonFiniteTask(f"{err}; nothing of task {err.task} was saved, {kept} "
+                                    "(lower the learning rate?)", err.task, err.seeds) from None
+            if bar is not None:
+                bar.close()
+                bar = None
+            summary = _write_results(result, run_dir, stream, seed_list, seeds, labels,
+                                     elapsed(), resumed_after)
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - start
+        checkpoints.close()
+    return summary
 
+
+def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
+                   labels: dict, wall: float, resumed_after: int | None) -> dict[str, Any]:
+    """Write ``acc_matrix.json``, the heatmap and ``metrics.json``; return the summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
-    _write_text(run_dir / MATRIX_FILE, json.dumps(_json_ready({
+    _write_text(run_dir / MATRIX_FILE, dumps(_json_ready({
         "acc_matrix": R,
         "random_init_acc": result["random_init_acc"],
         "rows": "after training task i", "columns": "accuracy on task j",
@@ -159,10 +284,10 @@ def train_continual(
         }
     summary.update({"acc_matrix": mean_R, "tasks": stream.num_tasks, "seeds": seeds})
     summary.update({k: labels[k] for k in ("learner", "benchmark", "preset") if k in labels})
-    summary.update({"wall_s": wall, "run_dir": str(run_dir)})
+    summary.update({"wall_s": wall, "resumed_after": resumed_after, "run_dir": str(run_dir)})
     full = {k: v for k, v in result.items() if k not in ("acc_matrix", "random_init_acc")}
     full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
-    _write_text(run_dir / SUMMARY_FILE, json.dumps(_json_ready(full), indent=1) + "\n")
+    _write_text(run_dir / SUMMARY_FILE, dumps(_json_ready(full), indent=1) + "\n")
     return _json_ready(summary)
 
 

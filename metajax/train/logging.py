@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -29,36 +30,63 @@ def _nonfinite_name(value: float) -> str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+def _nonfinite_note(value) -> str | None:
+    """What a value's nulls stand for: ``"nan"`` for a scalar, ``"nan at [0, 2]; inf at
+    [1]"``-style positions for an array or list; None when all is finite."""
+    if isinstance(value, dict):
+        return None
+    if isinstance(value, float | np.floating) or (
+        isinstance(value, np.ndarray | jax.Array) and np.ndim(value) == 0
+    ):
+        scalar = float(value)
+        return None if math.isfinite(scalar) else _nonfinite_name(scalar)
+    if isinstance(value, list | tuple | np.ndarray | jax.Array):
+        try:
+            array = np.asarray(value, np.float64)
+        except (TypeError, ValueError):
+            return None  # ragged or not numbers: nested dicts carry their own notes
+        bad = ~np.isfinite(array)
+        if not bad.any():
+            return None
+        parts = []
+        for name, mask in (("nan", np.isnan(array)), ("inf", np.isposinf(array)),
+                           ("-inf", np.isneginf(array))):
+            where = np.argwhere(mask).tolist()
+            if where:
+                shown = ", ".join(str(w if len(w) > 1 else w[0]) for w in where[:8])
+                more = f" and {len(where) - 8} more" if len(where) > 8 else ""
+                parts.append(f"{name} at {shown}{more}")
+        return "; ".join(parts)
+    return None
+
+
 def to_jsonable(value, digits: int | None = None):
     """Scalars of numpy/JAX as Python numbers, ready for strict JSON.
 
     A NaN or infinite float becomes ``null``; in a dict, the key ``<key>_nonfinite`` then
-    says which value it was (``"nan"``, ``"inf"``, ``"-inf"``), so a file never holds a
-    bare ``NaN`` and never hides one. With ``digits``, every array becomes a (nested) list
-    of floats and every float is rounded to that many decimals (the continual run files);
-    without, values are kept as they are.
+    says what it was (``"nan"``, ``"inf"``, ``"-inf"``; for an array or list, which values
+    at which positions), so a file never holds a bare ``NaN`` and never hides one. Arrays
+    become (nested) lists, 0-d arrays and numpy scalars Python numbers. With ``digits``,
+    every float is rounded to that many decimals (the continual run files).
     """
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            converted = to_jsonable(v, digits)
-            out[str(k)] = converted
-            scalar = v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
-            if converted is None and isinstance(scalar, float) and not math.isfinite(scalar):
-                out[f"{k}_nonfinite"] = _nonfinite_name(scalar)
+            out[str(k)] = to_jsonable(v, digits)
+            note = _nonfinite_note(v)
+            if note is not None:
+                out[f"{k}_nonfinite"] = note
         return out
     if isinstance(value, list | tuple):
         return [to_jsonable(v, digits) for v in value]
-    if isinstance(value, np.ndarray | jax.Array) and getattr(value, "size", 1) != 1 or (
-        digits is not None and isinstance(value, np.ndarray | jax.Array)
-    ):
+    if isinstance(value, np.ndarray | jax.Array) and np.ndim(value) > 0:
         array = np.asarray(value)
-        if digits is not None or np.issubdtype(array.dtype, np.inexact):
+        if digits is not None or jnp.issubdtype(array.dtype, jnp.inexact):
             array = np.asarray(array, np.float64)
             if digits is not None:
                 array = array.round(digits)
         return to_jsonable(array.tolist(), digits)
-    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+    if hasattr(value, "item") and np.ndim(value) == 0:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -23,7 +25,7 @@ import optax
 
 from metajax._files import atomic_write
 from metajax.task_map import map_tasks
-from metajax.train.checkpoint import Checkpoints, save_params
+from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints, save_params
 from metajax.train.config import ConfigError
 from metajax.train.logging import append_jsonl, progress_bar, read_jsonl
 from metajax.types import Learner, Problem, PyTree
@@ -191,12 +193,14 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
-class _StopSignals:
-    """SIGINT / SIGTERM set a flag the loop reads at the end of each chunk; a second SIGINT
-    raises ``KeyboardInterrupt`` at once. Only in the main thread (elsewhere: no-op)."""
+class StopSignals:
+    """SIGINT / SIGTERM set ``signum``, which a loop reads at the end of each ``unit`` of
+    work (a chunk of meta-steps, a task) to checkpoint and stop; a second SIGINT raises
+    ``KeyboardInterrupt`` as soon as Python runs again (a compiled call in flight finishes
+    first). Only in the main thread (elsewhere: no-op)."""
 
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
+    def __init__(self, unit: str = "chunk"):
+        self.unit = unit
         self.signum: int | None = None
         self._previous: dict = {}
 
@@ -210,12 +214,15 @@ class _StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        self.log(f"metajax: {signal.Signals(signum).name} received: saving a checkpoint at the "
-                 "end of this chunk (Ctrl-C again quits without saving)")
+        # os.write, not print: a handler may run while a print to stderr is under way.
+        os.write(2, f"metajax: {signal.Signals(signum).name} received: saving a checkpoint "
+                    f"at the end of this {self.unit} (Ctrl-C again quits without saving)\n"
+                    .encode())
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: installed from C, cannot be restored from Python
+                signal.signal(signum, handler)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -299,14 +306,21 @@ def train(
     opt_state = optimizer.init(meta_params)
     metric = problem.metric_name
     higher_is_better = metric == "accuracy"
+    if not resume:  # a new run: nothing of an earlier one may be resumed or preferred later
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        (run_dir / BEST_PARAMS_FILE).unlink(missing_ok=True)
     checkpoints = Checkpoints(
         run_dir, keep=config.keep_checkpoints,
         best_mode=("max" if higher_is_better else "min") if problem.has_validation else None,
     )
     step, wall_before, best, skipped, finished = 0, 0.0, None, 0, False
+    # The best parameters so far travel in the checkpoint, so that after a resume
+    # best_meta_params.msgpack is the best of the steps the resumed run really went through.
+    best_params = jax.device_get(meta_params)
     latest = checkpoints.latest_step() if resume else None
     if latest is not None:
-        template = {"meta_params": meta_params, "opt_state": opt_state, "key": k_train}
+        template = {"meta_params": meta_params, "opt_state": opt_state, "key": k_train,
+                    "best_params": best_params}
         state, record = checkpoints.restore(latest, template)
         if record.get("fingerprint") != fingerprint:
             raise ConfigError(
@@ -318,6 +332,9 @@ def train(
         step, wall_before = int(record["step"]), float(record["wall_s"])
         best, skipped = record.get("best"), int(record.get("skipped", 0))
         finished = bool(record.get("finished"))
+        best_params = state["best_params"]
+        if problem.has_validation and best is not None:
+            save_params(run_dir / BEST_PARAMS_FILE, best_params)
         say(f"metajax: resuming {run_dir} from the checkpoint of step {step}")
     if resume:
         _truncate_metrics(metrics_path, step)
@@ -334,7 +351,7 @@ def train(
     evaluate = make_evaluator(learner, problem)
 
     def validate(step):
-        nonlocal best
+        nonlocal best, best_params
         values = evaluate(meta_params, k_val, config.eval_tasks, config.shots,
                           config.eval_queries, config.test_inner_steps, "val")
         record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"]}
@@ -343,19 +360,23 @@ def train(
         if problem.has_validation and np.isfinite(score) and (
             best is None or (score > best if higher_is_better else score < best)
         ):
-            best = score
-            save_params(run_dir / BEST_PARAMS_FILE, meta_params)
+            best, best_params = score, jax.device_get(meta_params)
+            save_params(run_dir / BEST_PARAMS_FILE, best_params)
         return record
 
     def save(step, score=None, finished=False):
         nonlocal last_save, last_save_step
         save_params(run_dir / PARAMS_FILE, meta_params)
-        checkpoints.save(
-            step, {"meta_params": meta_params, "opt_state": opt_state, "key": k_train},
-            {"step": step, "fingerprint": fingerprint, "wall_s": elapsed(), "best": best,
-             "skipped": skipped, "finished": finished},
-            metric=score if problem.has_validation else None,
-        )
+        # A resumed run that trains nothing more (its steps or budget already reached) ends
+        # on the checkpoint it started from: the state is that one, already saved.
+        if step not in checkpoints.steps():
+            checkpoints.save(
+                step, {"meta_params": meta_params, "opt_state": opt_state, "key": k_train,
+                       "best_params": best_params},
+                {"step": step, "fingerprint": fingerprint, "wall_s": elapsed(), "best": best,
+                 "skipped": skipped, "finished": finished},
+                metric=score if problem.has_validation else None,
+            )
         last_save, last_save_step = time.perf_counter(), step
 
     def finish():
@@ -378,7 +399,7 @@ def train(
     last_save_step = step
     validated_at = val_record.get("step")
     try:
-        with progress_bar(config.steps, enabled=progress) as bar, _StopSignals(say) as stop:
+        with progress_bar(config.steps, enabled=progress) as bar, StopSignals("chunk") as stop:
             bar.update(min(step, config.steps))
             # A resumed run whose budget was spent before trains nothing more; otherwise the
             # budget is checked after each chunk (so at least one chunk runs).
@@ -394,13 +415,18 @@ def train(
                 applied = np.asarray(metrics.pop("applied"), bool)
                 if not applied.all():
                     first_bad = step + int(np.argmin(applied))
-                    if on_nan == "stop":
-                        good = checkpoints.latest_step()
+                    good = checkpoints.latest_step()
+                    kept = ("no checkpoint was written yet" if good is None else
+                            f"the last good checkpoint (step {good}) is kept: continue with "
+                            "--resume --on-nan skip, or")
+                    if on_nan == "stop" or not applied.any():
+                        what = ("made" if on_nan == "stop" else
+                                f"and all {length} steps of its chunk would make")
                         raise NonFiniteLoss(
-                            f"meta-step {first_bad} made the meta-loss, parameters or optimiser "
-                            f"state non-finite; the last good checkpoint is step {good} "
-                            f"(lower outer_lr or inner_lr, now {config.outer_lr}, "
-                            f"{config.inner_lr}, set grad_clip_norm, or on_nan=skip)",
+                            f"meta-step {first_bad} {what} the meta-loss, parameters or "
+                            f"optimiser state non-finite; {kept} start again in a new --out "
+                            f"with a lower outer_lr or inner_lr (now {config.outer_lr}, "
+                            f"{config.inner_lr}) or a grad_clip_norm",
                             first_bad, good,
                         )
                     skipped += int((~applied).sum())
@@ -424,9 +450,7 @@ def train(
                                   or (every and step - last_save_step >= every)
                                   or (every_s and now - last_save >= every_s)):
                     save(step, score)
-                if stop.signum is not None:
-                    if final:
-                        finish()
+                if stop.signum is not None and not final:
                     raise Interrupted(
                         f"interrupted by {signal.Signals(stop.signum).name} at meta-step {step};"
                         f" the checkpoint is saved: rerun with --resume to continue",

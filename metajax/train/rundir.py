@@ -17,12 +17,13 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
 from pathlib import Path
 
-from metajax._files import atomic_write
+from metajax._files import FILE_MODE, atomic_write
 from metajax.train.config import ConfigError
 
 LOCK_FILE = ".metajax.lock"
@@ -75,26 +76,42 @@ class RunLock:
             self.created_dir = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
+        for _ in range(20):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                holder = _read_holder(path)
+                raise RunDirError(
+                    f"{self.run_dir} is in use by another run ({_describe(holder)}); wait for "
+                    "it to end or choose another --out"
+                ) from None
+            # The holder before us may have unlinked the file between our open and our lock:
+            # then we hold a lock on a file nobody else sees; open the new one instead.
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            holder = _read_holder(path)
-            raise RunDirError(
-                f"{self.run_dir} is in use by another run ({_describe(holder)}); wait for it "
-                "to end or choose another --out"
-            ) from None
+        else:
+            raise RunDirError(f"{path}: could not take the lock (the file keeps changing)")
         previous = _read_holder(path)
         if previous and previous.get("pid") != os.getpid():
+            if previous.get("host") != socket.gethostname():
+                os.close(fd)
+                raise RunDirError(
+                    f"{self.run_dir} may be in use by a run on another machine "
+                    f"({_describe(previous)}; this file system cannot tell); if that run is "
+                    f"over, delete {path}"
+                )
             self.stale = previous
-            alive = (previous.get("host") == socket.gethostname()
-                     and isinstance(previous.get("pid"), int) and _pid_alive(previous["pid"]))
             self.log(f"metajax: {self.run_dir}: stale lock of a run that ended without "
-                     f"releasing it ({_describe(previous)}"
-                     f"{'; that pid is now another process' if alive else ''}); taking it over")
+                     f"releasing it ({_describe(previous)}); taking it over")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         os.ftruncate(fd, 0)
@@ -106,12 +123,19 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def release(self) -> None:
-        """Remove the lock file and release the lock (idempotent)."""
+    def release(self, remove_dir: bool = False) -> None:
+        """Remove the lock file and release the lock (idempotent); with ``remove_dir``, also
+        remove the run directory, while still holding the lock, when this lock created it
+        and nothing else is in it."""
         if self._fd is None:
             return
         try:
             (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            if remove_dir and self.created_dir:
+                try:
+                    self.run_dir.rmdir()
+                except OSError:
+                    pass  # not empty (someone wrote into it) or already gone: leave it
         finally:
             os.close(self._fd)
             self._fd = None
@@ -180,21 +204,29 @@ def check_kind(run_dir: str | os.PathLike, kind: str, record: dict | None) -> No
         )
 
 
+# Every file a run writes through atomic_write; a killed write leaves NAME.XXXXXXXX.tmp.
+RUN_FILES = ("config.json", RUN_FILE, "metrics.jsonl", "tasks.jsonl", "meta_params.msgpack",
+             "best_meta_params.msgpack", "acc_matrix.json", "acc_matrix.png", "metrics.json",
+             "evaluations.jsonl")
+_NAMES = "|".join(map(re.escape, RUN_FILES))
+_LEFTOVER = re.compile(rf"^({_NAMES})\.[A-Za-z0-9_]+\.tmp$")
+
+
 def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete the ``*.tmp`` files a killed atomic write left in ``run_dir``; return them.
+    """Delete the temporary files a killed atomic write of a run file left in ``run_dir``
+    (``config.json.k2j4x9.tmp``; no other file is touched); return them.
 
     Call it only while holding the directory's :class:`RunLock`.
     """
     removed = []
-    for path in Path(run_dir).glob("*.tmp"):
-        if path.is_file():
+    for path in Path(run_dir).iterdir():
+        if _LEFTOVER.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
 PROGRESS_FILES = ("metrics.jsonl", "meta_params.msgpack", "tasks.jsonl", "metrics.json")
-NEW_RUN_FILES = ("config.json", RUN_FILE, "metrics.jsonl", "tasks.jsonl")
 
 
 def has_progress(run_dir: str | os.PathLike) -> bool:
@@ -211,17 +243,18 @@ def has_progress(run_dir: str | os.PathLike) -> bool:
     return False
 
 
-def remove_new_run_files(run_dir: str | os.PathLike) -> None:
-    """Remove what a start wrote before it failed (configuration, run record, empty logs,
-    an empty checkpoint folder), so that the corrected command starts cleanly. Call it only
-    when :func:`has_progress` is False, holding the lock."""
+def remove_new_run_files(run_dir: str | os.PathLike, before: set[str]) -> None:
+    """Remove the run files a start wrote before it failed, so that the corrected command
+    starts cleanly: only the names in :data:`RUN_FILES` (and ``checkpoints/``) that were not
+    in ``before`` (the directory's names when the start began). Call it only when
+    :func:`has_progress` is False, holding the lock."""
     run_dir = Path(run_dir)
-    for name in NEW_RUN_FILES:
+    for name in RUN_FILES:
         path = run_dir / name
-        if path.is_file() and (name in ("config.json", RUN_FILE) or path.stat().st_size == 0):
+        if name not in before and path.is_file():
             path.unlink(missing_ok=True)
     checkpoints = run_dir / "checkpoints"
-    if checkpoints.is_dir() and not any(p.name.isdigit() for p in checkpoints.iterdir()):
+    if "checkpoints" not in before and checkpoints.is_dir():
         import shutil
 
         shutil.rmtree(checkpoints, ignore_errors=True)
