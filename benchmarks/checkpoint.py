@@ -4,9 +4,12 @@
         [--steps 400] [--rounds 2] [--data-dir DIR] [--write]
 
 For each preset, in one process and alternating:
-- ``guard``: meta-steps per second of the training chunk with the non-finite guard
-  (:func:`metajax.train.loop.make_train_chunk`) against the same chunk without it (the form
-  before the guard existed), ``log_every`` steps per call;
+- ``*_steps_per_s``: meta-steps per second of the training chunk, ``log_every`` steps per
+  call: ``unguarded`` (the chunk before the non-finite checks existed), ``stop`` (the
+  default, ``on_nan=stop``: the loss checked per step, the state once per chunk) and
+  ``skip`` (``on_nan=skip``: the state checked and selected every step); ``*_overhead`` is
+  the fraction of the unguarded rate lost (medians over rounds, the order of the variants
+  reversed every other round);
 - ``checkpoint_s``: the wall time of one checkpoint (``meta_params.msgpack`` plus the orbax
   checkpoint of the whole state), median of 10, and ``overhead_at_default``: that time over
   the default ``checkpoint_seconds`` interval, the fraction of wall time checkpointing takes;
@@ -43,7 +46,7 @@ from _results import append_line, machine  # noqa: E402
 from metajax.presets import get_preset  # noqa: E402
 from metajax.presets.build import build_learner, build_optimizer, build_problem  # noqa: E402
 from metajax.train.checkpoint import Checkpoints, save_params  # noqa: E402
-from metajax.train.loop import make_train_chunk  # noqa: E402
+from metajax.train.loop import all_finite, make_train_chunk  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint.jsonl"
 
@@ -68,13 +71,15 @@ def unguarded_chunk(learner, optimizer, sample_tasks):
     return chunk
 
 
-def steps_per_s(chunk, params, opt_state, key, length, steps):
+def steps_per_s(chunk, params, opt_state, key, length, steps, check=False):
     params, opt_state, m = chunk(params, opt_state, key, jnp.int32(0), length)  # compile
     jax.block_until_ready(m)
     start = time.perf_counter()
     done = 0
     while done < steps:
         params, opt_state, m = chunk(params, opt_state, key, jnp.int32(done), length)
+        if check:  # what train() adds per chunk with on_nan=stop
+            bool(all_finite((params, opt_state)))
         done += length
     jax.block_until_ready(m)
     return done / (time.perf_counter() - start), params, opt_state
@@ -94,14 +99,18 @@ def measure(preset: str, steps: int, rounds: int, data_dir: str | None) -> dict:
         return problem.sample_tasks(k, config.meta_batch_size, config.shots, config.queries,
                                     "train")
 
-    chunks = {"guarded": make_train_chunk(learner, optimizer, sample),
+    chunks = {"stop": make_train_chunk(learner, optimizer, sample),
+              "skip": make_train_chunk(learner, optimizer, sample, skip_nonfinite=True),
               "unguarded": unguarded_chunk(learner, optimizer, sample)}
     length = min(config.log_every, steps)
     rates = {name: [] for name in chunks}
-    for _ in range(rounds):
-        for name, chunk in chunks.items():
+    for round_ in range(rounds):
+        order = list(chunks) if round_ % 2 == 0 else list(chunks)[::-1]  # drift cancels out
+        for name in order:
+            chunk = chunks[name]
             p = jax.tree.map(jnp.copy, params)
-            rate, p, o = steps_per_s(chunk, p, optimizer.init(p), key, length, steps)
+            rate, p, o = steps_per_s(chunk, p, optimizer.init(p), key, length, steps,
+                                     check=name == "stop")
             rates[name].append(rate)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
@@ -120,11 +129,12 @@ def measure(preset: str, steps: int, rounds: int, data_dir: str | None) -> dict:
             restores.append(time.perf_counter() - start)
         checkpoints.close()
     checkpoint_s = statistics.median(times)
-    guarded, unguarded = max(rates["guarded"]), max(rates["unguarded"])
+    stop, skip, unguarded = (statistics.median(rates[k]) for k in ("stop", "skip", "unguarded"))
     return {
         "bench": "checkpoint", "preset": preset, "steps_per_call": length,
-        "guarded_steps_per_s": round(guarded, 2), "unguarded_steps_per_s": round(unguarded, 2),
-        "guard_overhead": round(1 - guarded / unguarded, 4),
+        "unguarded_steps_per_s": round(unguarded, 2),
+        "stop_steps_per_s": round(stop, 2), "stop_overhead": round(1 - stop / unguarded, 4),
+        "skip_steps_per_s": round(skip, 2), "skip_overhead": round(1 - skip / unguarded, 4),
         "checkpoint_s": round(checkpoint_s, 4),
         "checkpoint_seconds_default": config.checkpoint_seconds,
         "overhead_at_default": round(checkpoint_s / config.checkpoint_seconds, 5),
