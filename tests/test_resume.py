@@ -63,7 +63,7 @@ def steps_logged(records):
     return [(r["step"], "meta_loss" in r) for r in records]
 
 
-@pytest.mark.parametrize("kill_after_lines", [1, 5, 9])
+@pytest.mark.parametrize("kill_after_lines", [1, 8])
 def test_sigkill_then_resume_ends_bitwise_equal(tmp_path, capsys, reference,
                                                 kill_after_lines):
     run_dir = tmp_path / "run"
