@@ -25,7 +25,6 @@ algorithm or a benchmark by name.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import signal
 import time
@@ -41,7 +40,7 @@ from metajax.continual.learners import ContinualLearner
 from metajax.continual.run import NonFiniteTask, run
 from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
 from metajax.train.config import ConfigError
-from metajax.train.logging import append_jsonl, dumps, to_jsonable
+from metajax.train.logging import append_jsonl, dumps, to_jsonable, truncate_jsonl
 from metajax.train.loop import CONFIG_FILE, Interrupted, StopSignals
 from metajax.types import Stream
 
@@ -58,23 +57,6 @@ def _write_text(path: Path, text: str) -> None:
 
 def _json_ready(value):
     return to_jsonable(value, digits=6)
-
-
-def _truncate_tasks(path: Path, last_task: int) -> None:
-    """Keep the lines of ``tasks.jsonl`` of tasks ``0 .. last_task`` (later ones came from
-    work a resumed run does again; a torn last line is dropped)."""
-    kept = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("task"), int) \
-                    and record["task"] <= last_task:
-                kept.append(line)
-    text = "".join(line + "\n" for line in kept)
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def train_continual(
@@ -159,7 +141,7 @@ def train_continual(
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         for name in RESULT_FILES:
             (run_dir / name).unlink(missing_ok=True)
-        _truncate_tasks(tasks_path, -1)
+        truncate_jsonl(tasks_path, "task", -1)
         _write_text(run_dir / CONFIG_FILE, config_json)
     say(f"{labels.get('preset', 'custom')}: {labels.get('learner', 'learner')} on "
         f"{labels.get('benchmark', 'stream')}, {num_tasks} tasks of "
@@ -174,7 +156,7 @@ def train_continual(
         latest = checkpoints.latest_step()
         if latest is None:
             say(f"metajax: no checkpoint in {run_dir}: starting from task 0")
-            _truncate_tasks(tasks_path, -1)
+            truncate_jsonl(tasks_path, "task", -1)
             _write_text(run_dir / CONFIG_FILE, config_json)
             return None
         where = checkpoints.directory / str(latest)
@@ -188,7 +170,7 @@ def train_continual(
             raise ValueError(f"{where}: checkpoint of task {record.get('task')!r}, not of "
                              f"one of this stream's {num_tasks} tasks")
         resumed_after, wall_before = latest, float(record.get("wall_s") or 0.0)
-        _truncate_tasks(tasks_path, latest)
+        truncate_jsonl(tasks_path, "task", latest)
         _write_text(run_dir / CONFIG_FILE, config_json)  # only once the checkpoint is ours
         if latest == num_tasks - 1:
             say(f"metajax: {run_dir} holds all {num_tasks} tasks: writing its results again")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from metajax._files import atomic_write
+
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one line of JSON and flush it, so a crash loses no written line."""
@@ -99,6 +101,25 @@ def progress_bar(total: int, enabled: bool = True) -> tqdm:
     """A progress bar on stderr counting meta-steps (shows steps/s and the postfix metrics)."""
     return tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr,
                 dynamic_ncols=True, mininterval=1.0)
+
+
+def truncate_jsonl(path: str | os.PathLike, key: str, last: int) -> None:
+    """Rewrite ``path`` (atomically; created when missing) with only its records whose
+    integer ``key`` is at most ``last``: on resume, later lines came from work done again.
+    A torn (unparsable) line is dropped."""
+    path = Path(path)
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get(key), int) \
+                    and record[key] <= last:
+                kept.append(line)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -7,7 +7,6 @@ an optax optimiser and a task sampler.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from metajax._files import atomic_write
 from metajax.task_map import map_tasks
 from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints, save_params
 from metajax.train.config import ConfigError
-from metajax.train.logging import append_jsonl, progress_bar, read_jsonl
+from metajax.train.logging import append_jsonl, progress_bar, read_jsonl, truncate_jsonl
 from metajax.types import Learner, Problem, PyTree
 
 
@@ -239,24 +238,6 @@ class StopSignals:
                 signal.signal(signum, handler)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines of ``metrics.jsonl`` up to ``step`` (later lines came from work a
-    resumed run does again; a torn last line is dropped)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                and record["step"] <= step:
-            kept.append(line)
-    text = "".join(line + "\n" for line in kept)
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def _last_records(path: Path, metric: str) -> tuple[dict, dict]:
     last, val = {}, {}
     if path.exists():
@@ -354,7 +335,7 @@ def train(
             save_params(run_dir / BEST_PARAMS_FILE, best_params)
         say(f"metajax: resuming {run_dir} from the checkpoint of step {step}")
     if resume:
-        _truncate_metrics(metrics_path, step)
+        truncate_jsonl(metrics_path, "step", step)
     else:
         metrics_path.unlink(missing_ok=True)
     atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(config.to_json().encode()))
