@@ -46,18 +46,19 @@ from _results import append_line, machine  # noqa: E402
 from metajax.presets import get_preset  # noqa: E402
 from metajax.presets.build import build_learner, build_optimizer, build_problem  # noqa: E402
 from metajax.train.checkpoint import Checkpoints, save_params  # noqa: E402
-from metajax.train.loop import all_finite, make_train_chunk  # noqa: E402
+from metajax.train.loop import all_finite, make_train_chunk, task_sampler  # noqa: E402
+from metajax.train.parallel import task_parallel_meta_grad  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint.jsonl"
 
 
-def unguarded_chunk(learner, optimizer, sample_tasks):
+def unguarded_chunk(learner, optimizer, sample_task, meta_batch_size):
     """The training chunk without the non-finite guard (what it was before)."""
+    meta_grad = task_parallel_meta_grad(learner, sample_task, meta_batch_size)
 
     def meta_step(carry, step):
         meta_params, opt_state, key = carry
-        tasks = sample_tasks(jax.random.fold_in(key, step))
-        grads, metrics = learner.meta_grad(meta_params, tasks, step=step)
+        grads, metrics = meta_grad(meta_params, jax.random.fold_in(key, step), step)
         updates, opt_state = optimizer.update(grads, opt_state, meta_params)
         return (optax.apply_updates(meta_params, updates), opt_state, key), metrics
 
@@ -95,13 +96,11 @@ def measure(preset: str, steps: int, rounds: int, data_dir: str | None) -> dict:
     key = jax.random.PRNGKey(0)
     params = learner.init(problem.init_params(key))
 
-    def sample(k):
-        return problem.sample_tasks(k, config.meta_batch_size, config.shots, config.queries,
-                                    "train")
-
-    chunks = {"stop": make_train_chunk(learner, optimizer, sample),
-              "skip": make_train_chunk(learner, optimizer, sample, skip_nonfinite=True),
-              "unguarded": unguarded_chunk(learner, optimizer, sample)}
+    sample = task_sampler(problem, config.shots, config.queries)
+    batch = config.meta_batch_size
+    chunks = {"stop": make_train_chunk(learner, optimizer, sample, batch),
+              "skip": make_train_chunk(learner, optimizer, sample, batch, skip_nonfinite=True),
+              "unguarded": unguarded_chunk(learner, optimizer, sample, batch)}
     length = min(config.log_every, steps)
     rates = {name: [] for name in chunks}
     for round_ in range(rounds):

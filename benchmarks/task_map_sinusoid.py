@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metajax as mj  # noqa: E402
 from metajax.presets import get_preset  # noqa: E402
 from metajax.presets.build import build_optimizer, build_problem  # noqa: E402
-from metajax.train.loop import make_train_chunk  # noqa: E402
+from metajax.train.loop import make_train_chunk, task_sampler  # noqa: E402
 
 
 def main() -> None:
@@ -27,14 +27,13 @@ def main() -> None:
     problem = build_problem(config)
     optimizer = build_optimizer(config)
 
-    def sample(key):
-        return problem.sample_tasks(key, config.meta_batch_size, config.shots, config.queries)
+    sample = task_sampler(problem, config.shots, config.queries)
 
     rates: dict[str, list[float]] = {}
     for task_map in ("vmap", "scan", "vmap", "scan"):
         learner = mj.maml(problem.loss_fn, config.inner_lr, config.inner_steps,
                           task_map=task_map)
-        chunk = make_train_chunk(learner, optimizer, sample)
+        chunk = make_train_chunk(learner, optimizer, sample, config.meta_batch_size)
         params = learner.init(problem.init_params(jax.random.PRNGKey(0)))
         state = optimizer.init(params)
         key = jax.random.PRNGKey(1)

@@ -85,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--on-nan", choices=("stop", "skip"),
                        help="a non-finite meta-step ends the run (stop, the default) or is "
                        "skipped and counted (skip); it is never applied")
+    _device_arguments(train, "each meta-batch")
+    dist = train.add_argument_group(
+        "several processes (hosts)",
+        "join a multi-process run through jax.distributed: give all three, or --distributed "
+        "to read the cluster from the environment (SLURM, Cloud TPU, Open MPI, Kubernetes)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0, which serves as the coordinator")
+    dist.add_argument("--num-processes", type=_positive_int, metavar="N",
+                      help="number of processes in the run")
+    dist.add_argument("--process-id", type=_non_negative_int, metavar="I",
+                      help="this process's index, 0 .. N-1")
+    dist.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run described by the environment")
+    dist.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="S",
+                      help="seconds to wait for the coordinator and the other processes "
+                      "(300)")
 
     evaluate = sub.add_parser("evaluate", help="test a trained run on new tasks")
     evaluate.add_argument("run_dir", type=Path, help="a directory written by `metajax train`")
@@ -100,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seed of the test tasks (0)")
     evaluate.add_argument("--write", action="store_true",
                           help=f"also append the result to RUN_DIR/{EVALUATIONS_FILE}")
+    evaluate.add_argument("--devices", type=_positive_int, metavar="N",
+                          help="devices the test tasks are spread over (default: all)")
 
     continual = sub.add_parser(
         "continual", help="train a continual learner on a task stream and measure forgetting"
@@ -114,11 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="KEY=VALUE",
                            help="override a configuration field (repeatable)")
     continual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_arguments(continual, "the seeds")
     continual.add_argument("--resume", action="store_true",
                            help="continue the run in --out at its next unfinished task (a "
                            "new run when --out holds none; a finished run writes its results "
                            "again)")
     return parser
+
+
+def _device_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--devices", type=_positive_int, metavar="N",
+                        help=f"devices {what} is spread over; it must divide evenly (default: "
+                        "the most visible devices that do)")
 
 
 def _fail(message: str) -> int:
@@ -154,7 +179,8 @@ def _log(message: str) -> None:
 def _train_config(args) -> Config:
     config = get_preset(args.preset).with_overrides(args.overrides)
     for flag, key in (("steps", "steps"), ("seed", "seed"), ("data_dir", "data_dir"),
-                      ("checkpoint_every", "checkpoint_every"), ("on_nan", "on_nan")):
+                      ("checkpoint_every", "checkpoint_every"), ("on_nan", "on_nan"),
+                      ("devices", "devices")):
         if getattr(args, flag, None) is not None:
             config = config.with_overrides([f"{key}={getattr(args, flag)}"])
     return config.validate()
@@ -178,10 +204,75 @@ def _locked(run_dir: Path, command: str, body, clean_failed_start: bool = True):
             raise
 
 
+def _join(args) -> None:
+    """Join the multi-process run the arguments describe (nothing for a single process)."""
+    trio = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in trio):
+        return
+    if args.distributed and any(v is not None for v in trio):
+        raise ConfigError("give either --distributed or --coordinator, --num-processes and "
+                          "--process-id")
+    if args.out is None:
+        raise ConfigError("a multi-process run needs --out (a directory every process "
+                          "names the same)")
+    from metajax.train.parallel import initialize_distributed
+
+    if not args.distributed and args.process_id == 0:
+        _log(f"metajax: coordinating {args.num_processes} processes on {args.coordinator} "
+             f"(waiting up to {args.coordinator_timeout:g} s for all to join)")
+    joined = initialize_distributed(*trio, timeout_s=args.coordinator_timeout)
+    _log(f"metajax: process {joined['process_id']} of {joined['processes']}, "
+         f"{joined['local_devices']} of {joined['devices']} devices here")
+
+
+def _mesh(what: str, size: int, requested: int):
+    """The device mesh for ``size`` items (None for one device) and the count used."""
+    from metajax.train.parallel import choose_devices, device_mesh
+
+    try:
+        count = choose_devices(what, size, requested)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return (device_mesh(count) if count > 1 else None), count
+
+
 def _cmd_train(args) -> int:
+    _join(args)
     config = _train_config(args)
+    mesh, count = _mesh("meta_batch_size", config.meta_batch_size, config.devices)
+    config = config.with_overrides([f"devices={count}"])
     run_dir = _run_dir(args.out, config.preset)
-    return _locked(run_dir, "train", lambda: _train_locked(args, config, run_dir))
+    body = lambda: _train_locked(args, config, run_dir, mesh)  # noqa: E731
+    import jax
+
+    if jax.process_index() != 0:  # process 0 holds the lock and speaks for the run
+        return body()
+    return _locked(run_dir, "train", body)
+
+
+def _shared_claim(claim) -> bool:
+    """``claim()`` on process 0, its answer (or its refusal) passed to every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return claim()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from metajax.train.rundir import RunDirError
+
+    if jax.process_index() == 0:
+        try:
+            resume = claim()
+        except BaseException:
+            multihost_utils.broadcast_one_to_all(np.array([1, 0], np.int32))
+            raise
+        multihost_utils.broadcast_one_to_all(np.array([0, int(resume)], np.int32))
+        return resume
+    refused, resume = multihost_utils.broadcast_one_to_all(np.zeros(2, np.int32))
+    if refused:
+        raise RunDirError("process 0 refused the run directory (its log says why)")
+    return bool(resume)
 
 
 def _claim(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
@@ -232,19 +323,25 @@ def _claim(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
     return resume
 
 
-def _train_locked(args, config: Config, run_dir: Path) -> int:
-    resume = _claim(run_dir, "train", config, args.resume)
+def _train_locked(args, config: Config, run_dir: Path, mesh=None) -> int:
+    resume = _shared_claim(lambda: _claim(run_dir, "train", config, args.resume))
 
     from metajax.presets.build import build_learner, build_optimizer, build_problem
     from metajax.train.loop import train
 
     problem = build_problem(config)
     learner = build_learner(config, problem)
-    _log(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
-         f"{config.steps} meta-steps -> {run_dir}")
-    summary = train(config, problem, learner, build_optimizer(config), run_dir,
+    import jax
+
+    main = jax.process_index() == 0
+    if main:
+        where = "" if mesh is None else f" on {config.devices} devices"
+        _log(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
+             f"{config.steps} meta-steps{where} -> {run_dir}")
+    summary = train(config, problem, learner, build_optimizer(config), run_dir, mesh=mesh,
                     progress=not args.no_progress, resume=resume, log=_log)
-    print(dumps(summary))
+    if main:
+        print(dumps(summary))
     return 0
 
 
@@ -291,12 +388,19 @@ def _evaluate(args) -> int:
     if per_task > 2**31 - 1:
         raise ConfigError(f"--shots {shots} / --queries {queries}: {per_task} examples per task "
                           "is more than this machine can index")
+    from metajax.train.parallel import device_mesh, mesh_record
+
+    count = min(args.devices or jax.device_count(), jax.device_count())
+    if args.devices and args.devices > jax.device_count():
+        raise ConfigError(f"--devices {args.devices}: this machine has {jax.device_count()}")
+    mesh = device_mesh(count) if count > 1 else None
     result = evaluate_run(
         meta_params, learner, problem,
         tasks=args.tasks, shots=shots, queries=queries,
         steps=args.steps or list(problem.default_eval_steps),
-        seed=args.seed,
+        seed=args.seed, mesh=mesh,
     )
+    result.update({"devices": mesh_record(mesh)["devices"], "processes": 1})
     result.update({"run_dir": str(run_dir), "params": params_file})
     if args.write:
         append_jsonl(run_dir / EVALUATIONS_FILE, result)
@@ -312,18 +416,23 @@ def _cmd_continual(args) -> int:
         config = config.with_overrides([f"seeds={args.seeds}"])
     if args.data_dir is not None:
         config = config.with_overrides([f"data_dir={args.data_dir}"])
+    if args.devices is not None:
+        config = config.with_overrides([f"devices={args.devices}"])
     config.validate()
+    mesh, count = _mesh("seeds", config.seeds, config.devices)
+    config = config.with_overrides([f"devices={count}"])
     run_dir = _run_dir(args.out, config.preset)
-    return _locked(run_dir, "continual", lambda: _continual_locked(args, config, run_dir))
+    return _locked(run_dir, "continual",
+                   lambda: _continual_locked(args, config, run_dir, mesh))
 
 
-def _continual_locked(args, config, run_dir: Path) -> int:
+def _continual_locked(args, config, run_dir: Path, mesh=None) -> int:
     resume = _claim(run_dir, "continual", config, args.resume)
 
     from metajax.presets.build_continual import run_experiment
 
     summary = run_experiment(config, run_dir, progress=not args.no_progress, resume=resume,
-                             log=_log)
+                             log=_log, mesh=mesh)
     print(dumps(summary))
     return 0
 

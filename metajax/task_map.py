@@ -18,6 +18,10 @@ beyond float rounding (the order of a sum), so it is a performance setting:
 
 Every meta-learner takes ``task_map=`` (``mj.maml(..., task_map="scan")``); the functions here
 are public for user-written meta-objectives.
+
+Across devices the task axis is sharded first (:func:`sharded_map` here,
+:mod:`metajax.train.parallel` for the meta-gradient) and each device's share then runs as
+``task_map`` says.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 TaskMap = Any
 """``"auto"``, ``"vmap"``, ``"scan"`` or a positive int (tasks per vmapped chunk)."""
@@ -209,3 +215,40 @@ def map_tasks(fn: Callable[[Any], Any], tasks: Any, task_map: TaskMap = "auto") 
     if rest is not None:
         out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, jax.vmap(fn)(rest))
     return out
+
+
+def check_divisible(what: str, size: int, devices: int) -> None:
+    """Raise ``ValueError`` unless ``size`` splits evenly over ``devices``, naming the
+    nearest sizes that do."""
+    if size % devices == 0:
+        return
+    lower, higher = (size // devices) * devices, (size // devices + 1) * devices
+    sizes = f"{lower} or {higher}" if lower else f"{higher}"
+    raise ValueError(
+        f"{what}={size} cannot be split evenly over {devices} devices: use {sizes} "
+        f"(a multiple of {devices}), or fewer devices (--devices)")
+
+
+def sharded_map(fn: Callable[[Any], Any], items: Any, mesh: Mesh | None,
+                local_map: Callable[[Callable, Any], Any] | None = None) -> Any:
+    """``fn`` over the leading axis of ``items``, that axis sharded over ``mesh`` (inputs
+    and outputs replicated: every process can read the result). The axis is padded (with
+    copies of its first item) up to a multiple of the device count and the padding dropped
+    from the result. ``local_map(fn, shard)`` maps one device's shard (default ``vmap``)."""
+    local_map = local_map or (lambda f, xs: jax.vmap(f)(xs))
+    if mesh is None:
+        return local_map(fn, items)
+    (axis,) = mesh.axis_names
+    count = jax.tree.leaves(items)[0].shape[0]
+    padded = -(-count // mesh.size) * mesh.size
+    if padded != count:
+        items = jax.tree.map(
+            lambda x: jnp.concatenate([x, jnp.repeat(x[:1], padded - count, axis=0)]), items)
+
+    def local(shard):
+        out = local_map(fn, shard)
+        return jax.lax.all_gather(out, axis, tiled=True)
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(),
+                        check_vma=False)(items)
+    return jax.tree.map(lambda x: x[:count], out)

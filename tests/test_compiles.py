@@ -59,18 +59,17 @@ def test_omniglot_meta_step_compiles_once(compiles):
         x, y = batch
         return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y).mean()
 
-    def sample_tasks(key):
-        k1, k2 = jax.random.split(key)
-        x = jax.random.uniform(k1, (tasks, ways * (shots + queries), 28, 28, 1))
-        y = jnp.tile(jnp.arange(ways), (tasks, shots + queries))
-        return mj.Task((x[:, : ways * shots], y[:, : ways * shots]),
-                       (x[:, ways * shots:], y[:, ways * shots:]))
+    def sample_task(key):
+        x = jax.random.uniform(key, (ways * (shots + queries), 28, 28, 1))
+        y = jnp.tile(jnp.arange(ways), shots + queries)
+        return mj.Task((x[: ways * shots], y[: ways * shots]),
+                       (x[ways * shots:], y[ways * shots:]))
 
     learner = mj.maml(loss_fn, 0.4, 1)
     optimizer = optax.adam(1e-3)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
     opt_state = optimizer.init(params)
-    chunk = make_train_chunk(learner, optimizer, sample_tasks)
+    chunk = make_train_chunk(learner, optimizer, sample_task, tasks)
     key = jax.random.PRNGKey(1)
     with compiles() as first:
         params, opt_state, metrics = chunk(params, opt_state, key, jnp.int32(0), length=2)

@@ -11,7 +11,7 @@ from metajax.data import sinusoid
 from metajax.presets import get_preset
 from metajax.presets.build import build_learner, build_optimizer, build_problem
 from metajax.train.checkpoint import load_params, save_params
-from metajax.train.loop import make_evaluator, make_train_chunk, mean_ci95
+from metajax.train.loop import make_evaluator, make_train_chunk, mean_ci95, task_sampler
 
 
 def test_sinusoid_tasks_ranges_and_shapes():
@@ -50,10 +50,7 @@ def test_chunking_does_not_change_the_result():
     learner = build_learner(config, problem)
     optimizer = build_optimizer(config)
 
-    def sample(key):
-        return problem.sample_tasks(key, 4, 10, 10)
-
-    chunk = make_train_chunk(learner, optimizer, sample)
+    chunk = make_train_chunk(learner, optimizer, task_sampler(problem, 10, 10), 4)
     key = jax.random.PRNGKey(0)
 
     def fresh():

@@ -20,11 +20,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from metajax._checks import check_int
 from metajax.continual.learners import ContinualLearner
 from metajax.continual.metrics import metrics as summarize
-from metajax.task_map import check_task_map, map_tasks
+from metajax.task_map import check_divisible, check_task_map, map_tasks
 from metajax.types import PyTree, Stream
 
 Carry = dict[str, Any]
@@ -85,6 +87,7 @@ def run(
     seeds: Sequence[int] | None = None,
     on_task: Callable[[int, np.ndarray], None] | None = None,
     seed_map: Any = "vmap",
+    mesh: Any = None,
     on_task_state: Callable[[int, Carry], None] | None = None,
     resume_from: tuple[int, Carry] | Callable[[Carry], tuple[int, Carry] | None] | None = None,
 ) -> dict[str, Any]:
@@ -130,6 +133,11 @@ def run(
       on_task: optional ``on_task(t, row)`` called on the host after task ``t`` is trained,
         with ``row`` the accuracies on every task (``[T]``, or ``[len(seeds), T]``): for
         progress and for saving partial results as they arrive.
+      mesh: a one-axis ``jax.sharding.Mesh`` (:func:`metajax.train.parallel.device_mesh`)
+        to spread the seeds over (with ``seeds`` only; their number must be a multiple of
+        the mesh's device count): each device trains its share of the seeds (``shard_map``,
+        then ``seed_map`` inside the share); the stream is copied to every device. The
+        results are those of one device.
       on_task_state: optional ``on_task_state(t, carry)`` called after ``on_task``, with
         everything needed to continue after task ``t``: a dict (a pytree of arrays whose
         structure and shapes do not depend on ``t``) holding the learner ``"state"``, the
@@ -186,6 +194,10 @@ def run(
         ):
             raise ValueError(f"seeds must be a non-empty sequence of ints >= 0, got {seeds!r}")
         seeds = [int(s) for s in seeds]
+    if mesh is not None:
+        if seeds is None:
+            raise ValueError("mesh= spreads seeds over devices: pass seeds too")
+        check_divisible("seeds", len(seeds), mesh.size)
 
     data = _DeviceStream(
         jnp.asarray(stream.train_x),
@@ -258,6 +270,15 @@ def run(
             return map_tasks(lambda sk: train_task(sk[0], data, task, sk[1]), (state, keys),
                              seed_map)
 
+        if mesh is not None:
+            (axis,) = mesh.axis_names
+            by_seed, whole = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
+            init_eval = jax.shard_map(init_eval, mesh=mesh, in_specs=(P(axis), P()),
+                                      out_specs=P(axis), check_vma=False)
+            train = jax.shard_map(train, mesh=mesh, in_specs=(P(axis), P(), P(), P(axis)),
+                                  out_specs=P(axis), check_vma=False)
+            state, train_key = jax.device_put((state, train_key), by_seed)
+            data = jax.device_put(data, whole)
         init_eval, train = jax.jit(init_eval), jax.jit(train)
         task_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 

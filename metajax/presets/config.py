@@ -15,6 +15,7 @@ DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 ON_NAN = ("stop", "skip")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2**31 - 1
 
 
@@ -80,6 +81,13 @@ class Config(FlatConfig):
         is also written at the end, at each validation and on SIGINT / SIGTERM.
       keep_checkpoints: how many of the latest checkpoints to keep (the best one by
         validation is kept too).
+      devices: devices each meta-batch is spread over; ``meta_batch_size`` must be a
+        multiple of it (0: the most visible devices that divide ``meta_batch_size``; with
+        several processes, all of their devices). The result does not depend on it (up to
+        float rounding); ``config.json`` records the count used.
+      compute_dtype: ``float32``, or ``bfloat16`` to run the model's forward and backward
+        passes in bfloat16 while the meta-parameters, optimiser state, normalisation
+        statistics and losses stay float32 (mixed precision).
 
     The stopping criteria (``steps``, ``time_budget_s``), where the data lives and how the
     run guards and checkpoints itself (:attr:`RUN_CONTROL`) can change when a run is resumed;
@@ -87,7 +95,7 @@ class Config(FlatConfig):
     """
 
     RUN_CONTROL = ("steps", "time_budget_s", "data_dir", "on_nan", "checkpoint_every",
-                   "checkpoint_seconds", "keep_checkpoints")
+                   "checkpoint_seconds", "keep_checkpoints", "devices")
 
     preset: str = "custom"
     dataset: str = "sinusoid"
@@ -132,6 +140,8 @@ class Config(FlatConfig):
     checkpoint_every: int = 0
     checkpoint_seconds: float = 300.0
     keep_checkpoints: int = 3
+    devices: int = 0
+    compute_dtype: str = "float32"
 
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -149,7 +159,7 @@ class Config(FlatConfig):
             non_negative=(
                 "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
                 "cg_damping", "lam_damping", "grad_clip_norm", "checkpoint_every",
-                "checkpoint_seconds",
+                "checkpoint_seconds", "devices",
             ),
             choices={
                 "dataset": DATASETS,
@@ -161,6 +171,7 @@ class Config(FlatConfig):
                 "readout": READOUTS,
                 "inner_solver": INNER_SOLVERS,
                 "on_nan": ON_NAN,
+                "compute_dtype": COMPUTE_DTYPES,
             },
         )
         per_batch = self.meta_batch_size * max(self.ways, 1) * max(

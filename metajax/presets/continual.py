@@ -87,13 +87,16 @@ class ContinualConfig(FlatConfig):
         learner's randomness differ; the stream is the same).
       seed: seed of the stream and of the run's keys.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
+      devices: devices to spread the seeds over; ``seeds`` must be a multiple of it (0: the
+        most visible devices that divide ``seeds`` evenly). The results do not depend on it.
 
-    Where the data lives (:attr:`RUN_CONTROL`) may change when a run is resumed; every other
+    Where the data lives and the devices (:attr:`RUN_CONTROL`) may change when a run is
+    resumed; every other
     field is part of the configuration's :meth:`fingerprint`, since each changes the result
     (``preset`` too: it names the run in its summary).
     """
 
-    RUN_CONTROL = ("data_dir",)
+    RUN_CONTROL = ("data_dir", "devices")
 
     preset: str = "custom"
     benchmark: str = "lamaml_permuted_mnist"
@@ -129,6 +132,7 @@ class ContinualConfig(FlatConfig):
     seeds: int = 1
     seed: int = 0
     data_dir: str = ""
+    devices: int = 0
 
     def validate(self) -> ContinualConfig:
         """Check every field; raise :class:`ConfigError` naming the field and the fix."""
@@ -144,6 +148,7 @@ class ContinualConfig(FlatConfig):
             non_negative=(
                 "memory_per_task", "memory_strength", "grad_clip_norm", "tasks",
                 "train_per_task", "test_per_task", "batch_size", "epochs", "lca_batches", "seed",
+                "devices",
             ),
         )
         if self.cv_tasks < -1:

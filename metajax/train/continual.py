@@ -77,6 +77,7 @@ def train_continual(
     progress: bool = True,
     resume: bool = False,
     keep_checkpoints: int = 2,
+    mesh: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task and write ``run_dir``.
@@ -103,6 +104,9 @@ def train_continual(
       epochs: passes over each task.
       lca_batches: LCA's beta (0 skips LCA).
       seeds: independent runs, trained at once under ``vmap``.
+      mesh: spread the seeds over the devices of this ``jax.sharding.Mesh``
+        (:func:`metajax.train.parallel.device_mesh`; ``seeds`` must be a multiple of its
+        size); ignored with one seed. The results are those of one device.
       seed: seed of the run's keys.
       config_json: the configuration, written (atomically) as ``config.json``; with
         ``resume``, once the checkpoint is found to be of the same ``fingerprint``.
@@ -218,6 +222,7 @@ def train_continual(
                     params=init, apply_fn=apply_fn, batch_size=batch_size,
                     epochs=epochs, lca_batches=lca_batches, seeds=seed_list,
                     on_task_state=on_task_state, resume_from=restore if resume else None,
+                    mesh=mesh if seed_list is not None else None,
                 )
             except NonFiniteTask as err:
                 good = checkpoints.latest_step()
@@ -228,8 +233,9 @@ def train_continual(
             if bar is not None:
                 bar.close()
                 bar = None
+            devices = 1 if mesh is None or seed_list is None else int(mesh.size)
             summary = _write_results(result, run_dir, stream, seed_list, seeds, labels,
-                                     elapsed(), resumed_after)
+                                     elapsed(), resumed_after, devices)
     finally:
         if bar is not None:
             bar.close()
@@ -238,7 +244,8 @@ def train_continual(
 
 
 def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
-                   labels: dict, wall: float, resumed_after: int | None) -> dict[str, Any]:
+                   labels: dict, wall: float, resumed_after: int | None,
+                   devices: int = 1) -> dict[str, Any]:
     """Write ``acc_matrix.json``, the heatmap and ``metrics.json``; return the summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
@@ -266,7 +273,8 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
         }
     summary.update({"acc_matrix": mean_R, "tasks": stream.num_tasks, "seeds": seeds})
     summary.update({k: labels[k] for k in ("learner", "benchmark", "preset") if k in labels})
-    summary.update({"wall_s": wall, "resumed_after": resumed_after, "run_dir": str(run_dir)})
+    summary.update({"wall_s": wall, "resumed_after": resumed_after, "run_dir": str(run_dir),
+                    "devices": devices, "processes": jax.process_count()})
     full = {k: v for k, v in result.items() if k not in ("acc_matrix", "random_init_acc")}
     full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
     _write_text(run_dir / SUMMARY_FILE, dumps(_json_ready(full), indent=1) + "\n")

@@ -21,13 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from metajax._files import atomic_write
-from metajax.task_map import map_tasks
+from metajax.task_map import map_tasks, sharded_map
 from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints, save_params
 from metajax.train.config import ConfigError
 from metajax.train.logging import append_jsonl, progress_bar, read_jsonl, truncate_jsonl
-from metajax.types import Learner, Problem, PyTree
+from metajax.train.parallel import (
+    is_main_process,
+    mesh_record,
+    replicate,
+    task_parallel_meta_grad,
+)
+from metajax.types import Learner, Problem, PyTree, Task
 
 
 class RunConfig(Protocol):
@@ -66,20 +73,40 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 
 
+def task_sampler(problem: Problem, shots: int, queries: int,
+                 split: str = "train") -> Callable[[jax.Array], Task]:
+    """``sample_task(key) -> Task``: one task of ``problem`` (no task axis) drawn from ``key``,
+    what :func:`make_train_chunk` takes."""
+
+    def sample_task(key):
+        tasks = problem.sample_tasks(key, 1, shots, queries, split)
+        return jax.tree.map(lambda x: x[0], tasks)
+
+    return sample_task
+
+
 def make_train_chunk(
     learner: Learner,
     optimizer: optax.GradientTransformation,
-    sample_tasks: Callable[[jax.Array], PyTree],
+    sample_task: Callable[[jax.Array], Task],
+    meta_batch_size: int,
     *,
+    mesh: Mesh | None = None,
     skip_nonfinite: bool = False,
 ) -> Callable:
     """A jitted ``chunk(meta_params, opt_state, key, start, length)`` running ``length`` steps.
 
-    Meta-step ``s`` samples its tasks on device with ``fold_in(key, s)``, takes the
+    Meta-step ``s`` draws its ``meta_batch_size`` tasks on device, task ``i`` with
+    ``sample_task(fold_in(fold_in(key, s), i))`` (one task, no task axis), takes the
     meta-gradient and applies the optimiser; ``length`` steps run in one ``lax.scan``, so a
     whole chunk is one compiled call with no host round-trip. The result does not depend on
-    how the run is cut into chunks. ``meta_grad`` receives the (traced) meta-step as
-    ``step=``, for learners built with schedules (MAML++'s annealing).
+    how the run is cut into chunks, nor on the devices: with a ``mesh``
+    (:func:`metajax.train.parallel.device_mesh`) each device samples and differentiates its
+    share of the tasks and the meta-gradients are averaged across devices
+    (:func:`metajax.train.parallel.task_parallel_meta_grad`); pass the parameters, optimiser
+    state and key replicated on the mesh (:func:`metajax.train.parallel.replicate`).
+    ``meta_grad`` receives the (traced) meta-step as ``step=``, for learners built with
+    schedules (MAML++'s annealing).
 
     The ``applied`` metric of a step is False when its meta-loss is not finite. With
     ``skip_nonfinite``, it is also False when the new parameters or optimiser state hold NaN
@@ -93,10 +120,11 @@ def make_train_chunk(
     ``[length]`` axis.
     """
 
+    meta_grad = task_parallel_meta_grad(learner, sample_task, meta_batch_size, mesh)
+
     def meta_step(carry, step):
         meta_params, opt_state, key = carry
-        tasks = sample_tasks(jax.random.fold_in(key, step))
-        grads, metrics = learner.meta_grad(meta_params, tasks, step=step)
+        grads, metrics = meta_grad(meta_params, jax.random.fold_in(key, step), step)
         updates, new_opt_state = optimizer.update(grads, opt_state, meta_params)
         new_params = optax.apply_updates(meta_params, updates)
         applied = jnp.isfinite(metrics["meta_loss"])
@@ -132,15 +160,16 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def make_evaluator(learner: Learner, problem: Problem, batch_tasks: int = 20,
-                   task_map=None) -> Callable:
+                   task_map=None, mesh: Mesh | None = None) -> Callable:
     """A jitted ``evaluate(meta_params, key, num_tasks, shots, queries, inner_steps, split)``.
 
     Each of ``num_tasks`` tasks (drawn with ``fold_in(key, i)``) is adapted on its support set
     with ``inner_steps`` steps and measured by ``problem.metric_fn`` on its query set; tasks
     run in vmapped batches of ``batch_tasks`` to bound memory, or as ``task_map`` says
     (``"vmap"``, ``"scan"``, a chunk size: :func:`metajax.task_map.map_tasks`) when given.
-    Returns the per-task values
-    ``[num_tasks]``.
+    With a ``mesh`` the tasks are spread over its devices
+    (:func:`metajax.task_map.sharded_map`); the values do not change. Returns
+    the per-task values ``[num_tasks]``.
     """
 
     @functools.partial(
@@ -148,14 +177,14 @@ def make_evaluator(learner: Learner, problem: Problem, batch_tasks: int = 20,
     )
     def evaluate(meta_params, key, num_tasks, shots, queries, inner_steps, split):
         def one_task(task_key):
-            task = jax.tree.map(
-                lambda x: x[0], problem.sample_tasks(task_key, 1, shots, queries, split)
-            )
+            task = task_sampler(problem, shots, queries, split)(task_key)
             fast_params = learner.adapt(meta_params, task.support, inner_steps=inner_steps)
             return problem.metric_fn(fast_params, task.query)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
-        return map_tasks(one_task, keys, batch_tasks if task_map is None else task_map)
+        how = batch_tasks if task_map is None else task_map
+        return sharded_map(one_task, keys, mesh,
+                                 local_map=lambda fn, shard: map_tasks(fn, shard, how))
 
     return evaluate
 
@@ -256,6 +285,7 @@ def train(
     optimizer: optax.GradientTransformation,
     run_dir: str | Path,
     *,
+    mesh: Mesh | None = None,
     progress: bool = True,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
@@ -287,12 +317,23 @@ def train(
     Training stops early, after a whole chunk, once ``config.time_budget_s`` is spent (the
     time of earlier attempts of a resumed run counts).
 
+    With a ``mesh`` (:func:`metajax.train.parallel.device_mesh`) every meta-batch is spread
+    over its devices and the result is that of one device (up to float rounding). With
+    several processes (:func:`metajax.train.parallel.initialize_distributed`) every process
+    calls ``train`` with the same arguments; only process 0 writes the logs, the parameter
+    files and ``config.json``, all of them write the checkpoints together (orbax), and the
+    decisions to stop (time budget, signals) and to checkpoint are taken by all at once.
+
     Returns:
       The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s``, ``steps_per_s``,
       ``stopped_by_time_budget``, ``skipped_steps``, ``resumed_from`` (the step training
-      started from) and the last validation figure ``val_<metric>``.
+      started from), the last validation figure ``val_<metric>``, and ``devices`` and
+      ``processes``, the counts used.
     """
+    main = is_main_process()
     say = log or (lambda message: print(message, file=sys.stderr))
+    if not main:
+        say = lambda message: None  # noqa: E731 - process 0 speaks for the run
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / METRICS_FILE
@@ -302,11 +343,14 @@ def train(
     k_init, k_train, k_val = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     meta_params = learner.init(problem.init_params(k_init))
     opt_state = optimizer.init(meta_params)
+    meta_params, opt_state, k_train, k_val = replicate((meta_params, opt_state, k_train, k_val),
+                                                       mesh)
     metric = problem.metric_name
     higher_is_better = metric == "accuracy"
-    if not resume:  # a new run: nothing of an earlier one may be resumed or preferred later
+    if not resume and main:  # a new run: nothing of an earlier one may be resumed or preferred
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         (run_dir / BEST_PARAMS_FILE).unlink(missing_ok=True)
+    _barrier("metajax-run-dir")
     checkpoints = Checkpoints(
         run_dir, keep=config.keep_checkpoints,
         best_mode=("max" if higher_is_better else "min") if problem.has_validation else None,
@@ -331,40 +375,42 @@ def train(
         best, skipped = record.get("best"), int(record.get("skipped", 0))
         finished = bool(record.get("finished"))
         best_params = state["best_params"]
-        if problem.has_validation and best is not None:
+        if problem.has_validation and best is not None and main:
             save_params(run_dir / BEST_PARAMS_FILE, best_params)
         say(f"metajax: resuming {run_dir} from the checkpoint of step {step}")
-    if resume:
-        truncate_jsonl(metrics_path, "step", step)
-    else:
-        metrics_path.unlink(missing_ok=True)
-    atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(config.to_json().encode()))
+    if main:
+        if resume:
+            truncate_jsonl(metrics_path, "step", step)
+        else:
+            metrics_path.unlink(missing_ok=True)
+        atomic_write(run_dir / CONFIG_FILE, lambda f: f.write(config.to_json().encode()))
     resumed_from = step
 
-    def sample(key):
-        return problem.sample_tasks(key, config.meta_batch_size, config.shots, config.queries,
-                                    "train")
-
-    chunk = make_train_chunk(learner, optimizer, sample, skip_nonfinite=on_nan == "skip")
-    evaluate = make_evaluator(learner, problem)
+    sample_task = task_sampler(problem, config.shots, config.queries, "train")
+    chunk = make_train_chunk(learner, optimizer, sample_task, config.meta_batch_size,
+                             mesh=mesh, skip_nonfinite=on_nan == "skip")
+    evaluate = make_evaluator(learner, problem, mesh=mesh)
 
     def validate(step):
         nonlocal best, best_params
         values = evaluate(meta_params, k_val, config.eval_tasks, config.shots,
                           config.eval_queries, config.test_inner_steps, "val")
         record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"]}
-        append_jsonl(metrics_path, record)
+        if main:
+            append_jsonl(metrics_path, record)
         score = record[f"val_{metric}"]
         if problem.has_validation and np.isfinite(score) and (
             best is None or (score > best if higher_is_better else score < best)
         ):
             best, best_params = score, jax.device_get(meta_params)
-            save_params(run_dir / BEST_PARAMS_FILE, best_params)
+            if main:
+                save_params(run_dir / BEST_PARAMS_FILE, best_params)
         return record
 
     def save(step, score=None, finished=False):
         nonlocal last_save, last_save_step
-        save_params(run_dir / PARAMS_FILE, meta_params)
+        if main:
+            save_params(run_dir / PARAMS_FILE, meta_params)
         # A resumed run that trains nothing more (its steps or budget already reached) ends
         # on the checkpoint it started from: the state is that one, already saved.
         if step not in checkpoints.steps():
@@ -397,7 +443,8 @@ def train(
     last_save_step = step
     validated_at = val_record.get("step")
     try:
-        with progress_bar(config.steps, enabled=progress) as bar, StopSignals("chunk") as stop:
+        with progress_bar(config.steps, enabled=progress and main) as bar, \
+                StopSignals("chunk") as stop:
             bar.update(min(step, config.steps))
             # A resumed run whose budget was spent before trains nothing more; otherwise the
             # budget is checked after each chunk (so at least one chunk runs).
@@ -436,7 +483,8 @@ def train(
                 last = {"step": step, **metrics, "wall_s": round(elapsed(), 3)}
                 if skipped:
                     last["skipped_steps"] = skipped
-                append_jsonl(metrics_path, last)
+                if main:
+                    append_jsonl(metrics_path, last)
                 bar.update(length)
                 if metrics["meta_loss"] is not None:
                     bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
@@ -445,16 +493,19 @@ def train(
                     val_record = validate(step)
                     validated_at, score = step, val_record[f"val_{metric}"]
                 now = time.perf_counter()
-                final = step >= config.steps or out_of_time()
-                if not final and (score is not None or stop.signum is not None
-                                  or (every and step - last_save_step >= every)
-                                  or (every_s and now - last_save >= every_s)):
+                # Every process must take the same decisions (a signal may reach one only,
+                # clocks differ): each flag holds when it holds on any process.
+                signum, late, due = _agree(stop.signum or 0, out_of_time(),
+                                           bool(every_s) and now - last_save >= every_s)
+                final = step >= config.steps or late
+                if not final and (score is not None or signum
+                                  or (every and step - last_save_step >= every) or due):
                     save(step, score)
-                if stop.signum is not None and not final:
+                if signum and not final:
                     raise Interrupted(
-                        f"interrupted by {signal.Signals(stop.signum).name} at meta-step {step};"
+                        f"interrupted by {signal.Signals(signum).name} at meta-step {step};"
                         f" the checkpoint is saved: rerun with --resume to continue",
-                        step, stop.signum,
+                        step, signum,
                     )
                 if final:
                     break
@@ -472,7 +523,30 @@ def train(
         "resumed_from": resumed_from,
         "wall_s": round(wall, 2),
         "steps_per_s": round((step - resumed_from) / wall, 1) if wall > 0 else None,
+        "devices": mesh_record(mesh)["devices"],
+        "processes": jax.process_count(),
     }
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _agree(signum: int, *flags: bool) -> tuple:
+    """``(signum, *flags)`` as every process sees them: the largest signal number any process
+    received and each flag OR-ed over the processes (the values themselves with one
+    process)."""
+    if jax.process_count() == 1:
+        return (signum, *flags)
+    from jax.experimental import multihost_utils
+
+    local = np.array([signum, *map(int, flags)], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(local))
+    return (int(every[:, 0].max()), *(bool(x) for x in every[:, 1:].any(axis=0)))
 
 
 def evaluate_run(
@@ -485,14 +559,16 @@ def evaluate_run(
     queries: int,
     steps: Sequence[int],
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> dict:
     """Test-time figures of ``meta_params``: the metric after each inner-step count in ``steps``.
 
     The test tasks come from ``seed`` alone (not the training seed), so runs are compared on
     the same tasks. Returns ``{"metric", "mean", "ci95", "by_steps": {n: {"mean", "ci95"}},
     "tasks", ...}`` where the top-level ``mean`` and ``ci95`` are those after ``steps[-1]``.
+    With a ``mesh`` the tasks are spread over its devices (the figures do not change).
     """
-    evaluate = make_evaluator(learner, problem)
+    evaluate = make_evaluator(learner, problem, mesh=mesh)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x7E57)
     by_steps = {
         str(n): mean_ci95(jax.device_get(evaluate(meta_params, key, tasks, shots, queries, n,
