@@ -19,6 +19,7 @@ from metajax.data import episodes, sinusoid
 from metajax.meta.mamlpp import norm_mask
 from metajax.nn.conv4 import conv4_miniimagenet, conv4_omniglot
 from metajax.nn.mlp import MLP
+from metajax.nn.precision import in_compute_dtype
 from metajax.presets.config import Config
 from metajax.types import Problem
 
@@ -26,10 +27,11 @@ from metajax.types import Problem
 def sinusoid_problem(config: Config) -> Problem:
     """Sinusoid regression with the MLP of Finn et al. (2017) and mean squared error."""
     model = MLP(hidden=(config.hidden,) * config.layers, outputs=1)
+    apply = in_compute_dtype(model.apply, config.compute_dtype)
 
     def loss_fn(params, batch):
         x, y = batch
-        return jnp.mean((model.apply(params, x) - y) ** 2)
+        return jnp.mean((apply(params, x) - y) ** 2)
 
     def sample_tasks(key, num_tasks, shots, queries, split="train"):
         del split  # every sinusoid is a fresh draw: no finite split to hold out
@@ -58,7 +60,9 @@ def classification_problem(
     config: Config, splits: dict[str, np.ndarray], model: nn.Module
 ) -> Problem:
     """N-way K-shot classification: episodes drawn on device from ``splits`` (Vinyals et al.
-    2016), cross-entropy loss with accuracy as ``aux`` and as the reported metric.
+    2016), cross-entropy loss with accuracy as ``aux`` and as the reported metric; the model
+    runs in ``config.compute_dtype`` (:func:`metajax.nn.precision.in_compute_dtype`), the
+    loss in float32.
 
     ``splits`` maps ``train``/``val``/``test`` to ``[classes, per_class, H, W, C]`` arrays; they
     are placed on the device once, and every episode is sampled there inside the jitted step.
@@ -72,9 +76,11 @@ def classification_problem(
         except ValueError as err:
             raise ValueError(f"{config.dataset} {name} split: {err}") from None
 
+    apply = in_compute_dtype(model.apply, config.compute_dtype)
+
     def loss_fn(params, batch):
         x, y = batch
-        logits = model.apply(params, x)
+        logits = apply(params, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
 

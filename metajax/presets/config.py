@@ -9,13 +9,13 @@ import dataclasses
 from metajax.data.omniglot import SPLIT_PROTOCOLS as OMNIGLOT_SPLITS
 from metajax.meta.imaml import INNER_SOLVERS
 from metajax.nn.conv4 import NORMS, READOUTS
+from metajax.nn.precision import COMPUTE_DTYPES
 from metajax.train.config import ConfigError, FlatConfig
 
 DATASETS = ("sinusoid", "omniglot", "miniimagenet")
 OUTER_OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 ON_NAN = ("stop", "skip")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 MAX_ELEMENTS = 2**31 - 1
 
 
@@ -171,7 +171,7 @@ class Config(FlatConfig):
                 "readout": READOUTS,
                 "inner_solver": INNER_SOLVERS,
                 "on_nan": ON_NAN,
-                "compute_dtype": COMPUTE_DTYPES,
+                "compute_dtype": tuple(COMPUTE_DTYPES),
             },
         )
         per_batch = self.meta_batch_size * max(self.ways, 1) * max(
