@@ -98,30 +98,39 @@ def _params(run_dir: Path):
     return flax.serialization.msgpack_restore((run_dir / "meta_params.msgpack").read_bytes())
 
 
-def test_two_processes_end_with_the_parameters_of_one(tmp_path):
+def _two_processes(args, timeout=300):
+    port = _free_port()
+    args = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+            "--coordinator-timeout", "60"]
+    procs = [_metajax([*args, "--process-id", str(i)], _env()) for i in (0, 1)]
+    outs = _finish(procs, timeout)
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]  # 0 reports
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def test_two_processes_end_with_the_parameters_of_one_and_resume(tmp_path):
     one = tmp_path / "one"
-    (out, err), = _finish([_metajax([*TRAIN, "--out", str(one)], _env())], 300)
+    (out, err), = _finish([_metajax([*TRAIN, "--out", str(one), "--steps", "40"], _env())],
+                          300)
     single = json.loads(out.strip().splitlines()[-1])
     assert single["devices"] == 1 and single["processes"] == 1
 
     two = tmp_path / "two"
-    port = _free_port()
-    args = [*TRAIN, "--out", str(two), "--coordinator", f"127.0.0.1:{port}",
-            "--num-processes", "2", "--coordinator-timeout", "60"]
-    procs = [_metajax([*args, "--process-id", str(i)], _env()) for i in (0, 1)]
-    (out0, err0), (out1, err1) = _finish(procs, 300)
-    assert procs[0].returncode == 0, err0[-3000:]
-    assert procs[1].returncode == 0, err1[-3000:]
-    summary = json.loads(out0.strip().splitlines()[-1])
-    assert summary["devices"] == 2 and summary["processes"] == 2
-    assert not [line for line in out1.splitlines() if line.startswith("{")]  # process 0 reports
-    assert summary["meta_loss"] == pytest.approx(single["meta_loss"], rel=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 _params(two), _params(one))
+    first = _two_processes([*TRAIN, "--out", str(two)])
+    assert first["devices"] == 2 and first["processes"] == 2 and first["step"] == 30
     lines = (two / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 30]  # written once
     assert json.loads((two / "config.json").read_text())["devices"] == 2
     assert (two / "checkpoints" / "30").is_dir()
+    # Both processes restore the checkpoint of step 30 and go on to 40, where one process
+    # running 40 steps in one go ends.
+    resumed = _two_processes([*TRAIN, "--out", str(two), "--steps", "40", "--resume"])
+    assert resumed["resumed_from"] == 30 and resumed["step"] == 40
+    assert resumed["meta_loss"] == pytest.approx(single["meta_loss"], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _params(two), _params(one))
 
 
 def test_absent_coordinator_fails_fast_with_a_clear_message(tmp_path):
