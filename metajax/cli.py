@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="KEY=VALUE",
                            help="override a configuration field (repeatable)")
     continual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    continual.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                           help="train every value of a hyper-parameter (repeatable: every "
+                           "combination) with every seed at once, vmapped; the summary gives "
+                           "each setting's mean and spread")
     _device_arguments(continual, "the seeds")
     continual.add_argument("--resume", action="store_true",
                            help="continue the run in --out at its next unfinished task (a "
@@ -418,8 +422,13 @@ def _cmd_continual(args) -> int:
         config = config.with_overrides([f"data_dir={args.data_dir}"])
     if args.devices is not None:
         config = config.with_overrides([f"devices={args.devices}"])
+    if args.sweep:
+        import dataclasses
+
+        config = dataclasses.replace(config, sweep=";".join(args.sweep))
     config.validate()
-    mesh, count = _mesh("seeds", config.seeds, config.devices)
+    what = "seeds x sweep settings" if config.sweep else "seeds"
+    mesh, count = _mesh(what, config.runs, config.devices)
     config = config.with_overrides([f"devices={count}"])
     run_dir = _run_dir(args.out, config.preset)
     return _locked(run_dir, "continual",

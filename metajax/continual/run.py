@@ -75,7 +75,7 @@ def _accuracy(apply_fn, params, x, y, mask_row) -> jax.Array:
 
 
 def run(
-    learner: ContinualLearner,
+    learner: ContinualLearner | Callable[[dict[str, jax.Array]], ContinualLearner],
     stream: Stream,
     key: jax.Array,
     *,
@@ -88,6 +88,7 @@ def run(
     on_task: Callable[[int, np.ndarray], None] | None = None,
     seed_map: Any = "vmap",
     mesh: Any = None,
+    settings: dict[str, Sequence[float]] | None = None,
     on_task_state: Callable[[int, Carry], None] | None = None,
     resume_from: tuple[int, Carry] | Callable[[Carry], tuple[int, Carry] | None] | None = None,
 ) -> dict[str, Any]:
@@ -138,6 +139,11 @@ def run(
         the mesh's device count): each device trains its share of the seeds (``shard_map``,
         then ``seed_map`` inside the share); the stream is copied to every device. The
         results are those of one device.
+      settings: hyper-parameter values per run, ``{name: [value of run 0, run 1, ...]}``
+        with one value per entry of ``seeds`` (a sweep: every setting with every seed, all
+        trained in the same vmapped computation); ``learner`` is then a function
+        ``learner(setting) -> ContinualLearner`` of one run's ``{name: traced scalar}``, so
+        only values that do not change array shapes (learning rates, strengths) can vary.
       on_task_state: optional ``on_task_state(t, carry)`` called after ``on_task``, with
         everything needed to continue after task ``t``: a dict (a pytree of arrays whose
         structure and shapes do not depend on ``t``) holding the learner ``"state"``, the
@@ -194,6 +200,26 @@ def run(
         ):
             raise ValueError(f"seeds must be a non-empty sequence of ints >= 0, got {seeds!r}")
         seeds = [int(s) for s in seeds]
+    if settings is not None:
+        if seeds is None:
+            raise ValueError("settings= gives one value per run: pass seeds too")
+        if isinstance(learner, ContinualLearner) or not callable(learner):
+            raise ValueError("with settings=, learner must be a function "
+                             "learner(setting) -> ContinualLearner")
+        settings = {name: jnp.asarray(values, jnp.float32) for name, values in settings.items()}
+        for name, values in settings.items():
+            if values.shape != (len(seeds),):
+                raise ValueError(f"settings[{name!r}] holds {values.shape} values; give one "
+                                 f"per run ({len(seeds)}, as seeds)")
+        learner_of = learner
+    else:
+        if not isinstance(learner, ContinualLearner):
+            raise ValueError("learner must be a ContinualLearner (a function of the setting "
+                             "only with settings=)")
+
+        def learner_of(setting):
+            return learner
+    per_run = settings or {}
     if mesh is not None:
         if seeds is None:
             raise ValueError("mesh= spreads seeds over devices: pass seeds too")
@@ -220,13 +246,14 @@ def run(
         tasks = jnp.arange(num_tasks, dtype=jnp.int32)
         return jax.lax.map(lambda task: evaluate(params, data, task), tasks)
 
-    def start(run_key):
+    def start(run_key, setting=None):
         init_key, learner_key, train_key = jax.random.split(run_key, 3)
         initial = params(init_key) if callable(params) else params
-        state = learner.init(initial, learner_key, example, num_tasks)
+        state = learner_of(setting).init(initial, learner_key, example, num_tasks)
         return state, train_key
 
-    def train_task(state, data, task, key):
+    def train_task(state, data, task, key, setting=None):
+        learner = learner_of(setting)
         xs, ys = data.train_x[task], data.train_y[task]
         shuffled = [
             jax.random.permutation(jax.random.fold_in(key, epoch), n_train)[:used]
@@ -260,26 +287,31 @@ def run(
         init_eval, train = jax.jit(evaluate_all), jax.jit(train_task)
     else:
         keys = jnp.stack([jax.random.fold_in(key, s) for s in seeds])
-        state, train_key = jax.vmap(start)(keys)
+        state, train_key = jax.vmap(start)(keys, per_run)
         check_task_map(seed_map)
 
         def init_eval(params, data):
             return map_tasks(lambda p: evaluate_all(p, data), params, seed_map)
 
-        def train(state, data, task, keys):
-            return map_tasks(lambda sk: train_task(sk[0], data, task, sk[1]), (state, keys),
-                             seed_map)
+        def train_runs(state, data, task, keys, per_run):
+            return map_tasks(lambda sk: train_task(sk[0], data, task, sk[1], sk[2]),
+                             (state, keys, per_run), seed_map)
 
         if mesh is not None:
             (axis,) = mesh.axis_names
             by_seed, whole = NamedSharding(mesh, P(axis)), NamedSharding(mesh, P())
             init_eval = jax.shard_map(init_eval, mesh=mesh, in_specs=(P(axis), P()),
                                       out_specs=P(axis), check_vma=False)
-            train = jax.shard_map(train, mesh=mesh, in_specs=(P(axis), P(), P(), P(axis)),
-                                  out_specs=P(axis), check_vma=False)
-            state, train_key = jax.device_put((state, train_key), by_seed)
+            train_runs = jax.shard_map(train_runs, mesh=mesh,
+                                       in_specs=(P(axis), P(), P(), P(axis), P(axis)),
+                                       out_specs=P(axis), check_vma=False)
+            state, train_key, per_run = jax.device_put((state, train_key, per_run), by_seed)
             data = jax.device_put(data, whole)
-        init_eval, train = jax.jit(init_eval), jax.jit(train)
+        init_eval, train_runs = jax.jit(init_eval), jax.jit(train_runs)
+
+        def train(state, data, task, keys):
+            return train_runs(state, data, task, keys, per_run)
+
         task_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     def key_of(t):

@@ -14,6 +14,7 @@ a benchmark is one entry here (and a preset note in :mod:`metajax.presets.contin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,9 +209,15 @@ def run_experiment(
     stream = build_stream(config, progress=progress)
     protocol = config.protocol
     init, apply_fn = build_continual_model(config, stream)
-    learner = build_continual_learner(config, stream, apply_fn)
+    settings = config.sweep_settings()
+    if settings:
+        def learner(setting):  # traced values: one learner per run, inside the vmap
+            return build_continual_learner(dataclasses.replace(config, **setting), stream,
+                                           apply_fn)
+    else:
+        learner = build_continual_learner(config, stream, apply_fn)
     return train_continual(
-        learner, stream, init, apply_fn, run_dir,
+        learner, stream, init, apply_fn, run_dir, settings=settings or None,
         batch_size=protocol["batch_size"], epochs=protocol["epochs"],
         lca_batches=config.lca_batches, seeds=config.seeds, seed=config.seed,
         config_json=config.to_json(), fingerprint=config.fingerprint(),

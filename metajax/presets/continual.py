@@ -37,6 +37,12 @@ from metajax.presets.build_continual import BENCHMARKS, LEARNERS, MODELS
 from metajax.presets.protocols import PROTOCOLS
 from metajax.train.config import ConfigError, FlatConfig
 
+SWEEPABLE: tuple[str, ...] = ("lr", "memory_strength", "beta", "gamma", "alpha_init", "lr_eta",
+                               "outer_lr")
+"""The :class:`ContinualConfig` fields a ``sweep`` may vary: plain numbers the learners take
+as traced values (step sizes and strengths); a field the chosen learner does not read gives
+identical runs."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ContinualConfig(FlatConfig):
@@ -87,8 +93,14 @@ class ContinualConfig(FlatConfig):
         learner's randomness differ; the stream is the same).
       seed: seed of the stream and of the run's keys.
       data_dir: dataset folder (empty: ``$METAJAX_DATA_DIR``, else the user cache).
-      devices: devices to spread the seeds over; ``seeds`` must be a multiple of it (0: the
-        most visible devices that divide ``seeds`` evenly). The results do not depend on it.
+      sweep: a grid of hyper-parameter values trained at once with the seeds, as
+        ``name=v1,v2;name2=w1,w2`` (``--sweep name=v1,v2``, repeatable): every combination
+        runs with every seed in one vmapped computation (sharded over the devices), and the
+        summary reports each setting's mean and spread over its seeds. Only the float
+        fields of :data:`SWEEPABLE` can vary (they change no array shape).
+      devices: devices to spread the runs over (the seeds, times the settings of
+        ``sweep``); the runs must be a multiple of it (0: the most visible devices that
+        divide them evenly). The results do not depend on it.
 
     Where the data lives and the devices (:attr:`RUN_CONTROL`) may change when a run is
     resumed; every other
@@ -132,6 +144,7 @@ class ContinualConfig(FlatConfig):
     seeds: int = 1
     seed: int = 0
     data_dir: str = ""
+    sweep: str = ""
     devices: int = 0
 
     def validate(self) -> ContinualConfig:
@@ -158,9 +171,43 @@ class ContinualConfig(FlatConfig):
                 "test_per_task does not apply to split_omniglot: its test set is the drawings "
                 "left after train_per_task (of 20 per character)"
             )
+        self.sweep_settings()  # checks the grid
         if self.model == "conv4" and self.benchmark != "split_omniglot":
             raise ConfigError("model=conv4 needs image inputs: use benchmark=split_omniglot")
         return self
+
+    def sweep_settings(self) -> list[dict[str, float]]:
+        """The settings of :attr:`sweep`, every combination of its values (the first key
+        varying slowest); ``[]`` without a sweep. Raises :class:`ConfigError` naming a key
+        that cannot be swept or a value the field does not accept."""
+        if not self.sweep.strip():
+            return []
+        grid: dict[str, list[float]] = {}
+        for part in self.sweep.split(";"):
+            name, sep, values = part.partition("=")
+            name = name.strip()
+            if not sep or not values.strip():
+                raise ConfigError(f"sweep: expected name=v1,v2,..., got {part!r}")
+            if name not in SWEEPABLE:
+                raise ConfigError(f"sweep: {name!r} cannot be swept; the fields that can are "
+                                  f"{', '.join(SWEEPABLE)} (others change array shapes or "
+                                  "the program: run them as separate runs)")
+            if name in grid:
+                raise ConfigError(f"sweep: {name!r} given twice")
+            grid[name] = []
+            for text in values.split(","):
+                one = dataclasses.replace(self, sweep="").with_overrides([f"{name}={text}"])
+                one.validate()
+                grid[name].append(getattr(one, name))
+        settings: list[dict[str, float]] = [{}]
+        for name, values in grid.items():
+            settings = [{**s, name: v} for s in settings for v in values]
+        return settings
+
+    @property
+    def runs(self) -> int:
+        """Runs trained at once: the seeds times the settings of the sweep."""
+        return self.seeds * max(len(self.sweep_settings()), 1)
 
     @property
     def protocol(self) -> dict[str, Any]:

@@ -78,6 +78,7 @@ def train_continual(
     resume: bool = False,
     keep_checkpoints: int = 2,
     mesh: Any = None,
+    settings: list[dict[str, float]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task and write ``run_dir``.
@@ -104,6 +105,11 @@ def train_continual(
       epochs: passes over each task.
       lca_batches: LCA's beta (0 skips LCA).
       seeds: independent runs, trained at once under ``vmap``.
+      settings: a hyper-parameter sweep, one dict of values per setting; every setting runs
+        with every seed (``len(settings) * seeds`` runs, vmapped together) and ``learner`` is
+        a function ``learner(setting) -> ContinualLearner`` of traced values
+        (:func:`metajax.continual.run` ``settings=``). The summary gains ``sweep``: each
+        setting with the mean and standard deviation over its seeds.
       mesh: spread the seeds over the devices of this ``jax.sharding.Mesh``
         (:func:`metajax.train.parallel.device_mesh`; ``seeds`` must be a multiple of its
         size); ignored with one seed. The results are those of one device.
@@ -149,7 +155,8 @@ def train_continual(
         _write_text(run_dir / CONFIG_FILE, config_json)
     say(f"{labels.get('preset', 'custom')}: {labels.get('learner', 'learner')} on "
         f"{labels.get('benchmark', 'stream')}, {num_tasks} tasks of "
-        f"{stream.train_y.shape[1]} examples, {seeds} seed(s) -> {run_dir}")
+        f"{stream.train_y.shape[1]} examples, {seeds} seed(s)"
+        + (f" x {len(settings)} settings" if settings else "") + f" -> {run_dir}")
 
     checkpoints = Checkpoints(run_dir, keep=keep_checkpoints)
     resumed_after: int | None = None
@@ -213,7 +220,12 @@ def train_continual(
                 t, stop.signum,
             )
 
-    seed_list = list(range(seeds)) if seeds > 1 else None
+    seed_list = list(range(seeds)) if seeds > 1 or settings else None
+    per_run = None
+    if settings:
+        seed_list = [s for _ in settings for s in range(seeds)]
+        per_run = {name: [setting[name] for setting in settings for _ in range(seeds)]
+                   for name in settings[0]}
     try:
         with StopSignals("task") as stop:
             try:
@@ -222,7 +234,7 @@ def train_continual(
                     params=init, apply_fn=apply_fn, batch_size=batch_size,
                     epochs=epochs, lca_batches=lca_batches, seeds=seed_list,
                     on_task_state=on_task_state, resume_from=restore if resume else None,
-                    mesh=mesh if seed_list is not None else None,
+                    mesh=mesh if seed_list is not None else None, settings=per_run,
                 )
             except NonFiniteTask as err:
                 good = checkpoints.latest_step()
@@ -235,7 +247,7 @@ def train_continual(
                 bar = None
             devices = 1 if mesh is None or seed_list is None else int(mesh.size)
             summary = _write_results(result, run_dir, stream, seed_list, seeds, labels,
-                                     elapsed(), resumed_after, devices)
+                                     elapsed(), resumed_after, devices, settings)
     finally:
         if bar is not None:
             bar.close()
@@ -245,7 +257,7 @@ def train_continual(
 
 def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
                    labels: dict, wall: float, resumed_after: int | None,
-                   devices: int = 1) -> dict[str, Any]:
+                   devices: int = 1, settings: list[dict] | None = None) -> dict[str, Any]:
     """Write ``acc_matrix.json``, the heatmap and ``metrics.json``; return the summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
@@ -272,6 +284,8 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
             for k, v in result["std"].items() if k in names
         }
     summary.update({"acc_matrix": mean_R, "tasks": stream.num_tasks, "seeds": seeds})
+    if settings:
+        summary["sweep"] = _sweep_summary(result["per_seed"], settings, seeds)
     summary.update({k: labels[k] for k in ("learner", "benchmark", "preset") if k in labels})
     summary.update({"wall_s": wall, "resumed_after": resumed_after, "run_dir": str(run_dir),
                     "devices": devices, "processes": jax.process_count()})
@@ -279,6 +293,23 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
     full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
     _write_text(run_dir / SUMMARY_FILE, dumps(_json_ready(full), indent=1) + "\n")
     return _json_ready(summary)
+
+
+def _sweep_summary(per_run: list[dict], settings: list[dict], seeds: int) -> list[dict]:
+    """Each setting of a sweep with the mean and standard deviation of its seeds' metrics
+    (runs are ordered setting by setting, seeds inside)."""
+    out = []
+    for i, setting in enumerate(settings):
+        runs = per_run[i * seeds:(i + 1) * seeds]
+        entry: dict[str, Any] = {"setting": setting}
+        for name, key in (("acc", "avg_accuracy"), ("forgetting", "forgetting"),
+                          ("bwt", "bwt"), ("fwt", "fwt"), ("lca", "lca")):
+            if name in runs[0] and runs[0][name] is not None:
+                values = np.array([r[name] for r in runs], np.float64)
+                entry[key] = float(values.mean())
+                entry.setdefault("std", {})[key] = float(values.std())
+        out.append(entry)
+    return out
 
 
 def save_heatmap(matrix: np.ndarray, path: str | Path, *, title: str = "") -> None:
