@@ -117,11 +117,6 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
     return jax.device_put(tree, replicated(mesh))
 
 
-def local_value(tree: PyTree) -> PyTree:
-    """A replicated (or ordinary) ``tree`` as host numpy arrays, on any process."""
-    return jax.device_get(tree)
-
-
 def sample_task_batch(sample_task: Callable[[jax.Array], Task], key: jax.Array,
                       first: Any, count: int) -> Task:
     """Tasks ``first ... first + count - 1`` of the meta-batch of ``key``: task ``i`` is
