@@ -198,9 +198,9 @@ def test_errors_name_the_bad_value():
         sample_episodes(key, images, 2, 5, 15, 6)
     with pytest.raises(ValueError, match=r"\[classes, per_class, H, W, C\].*\(5, 20, 2, 2\)"):
         sample_episode(key, images[..., 0], 2, 1, 1)
-    with pytest.raises(ValueError, match="shots must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="shots must be a Python int >= 1, got 0"):
         sample_episode(key, images, 2, 0, 1)
-    with pytest.raises(ValueError, match="num_tasks must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_tasks must be a Python int >= 1, got 0"):
         sample_episodes(key, images, 0, 2, 1, 1)
     with pytest.raises(TypeError, match="queries must be a Python int.*2.5"):
         sample_episode(key, images, 2, 1, 2.5)

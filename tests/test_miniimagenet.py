@@ -342,7 +342,7 @@ def test_explicit_cache_dir_and_read_only_data_dir(tmp_path, monkeypatch):
     def read_only(path, **arrays):
         raise PermissionError(13, "Read-only file system", str(path))
 
-    monkeypatch.setattr(mi, "atomic_save_npz", read_only)
+    monkeypatch.setattr(sources, "atomic_save_npz", read_only)  # the writer both caches share
     with pytest.warns(UserWarning, match="cache_dir="):
         images, _ = _load(tmp_path, source="folder", splits=("test",))
     assert images["test"].shape == (2, PER_CLASS, 84, 84, 3)

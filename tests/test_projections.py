@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from metajax.continual import nnls, project_agem, project_gem
+from metajax.continual.projections import past_task_dots
 
 # Compiled once per shape; margin and ridge are traced, so they share a compile. The tests
 # reuse a few batched shapes to keep compilation (most of their time) short.
@@ -144,6 +145,7 @@ def test_gem_on_pytrees_with_stacked_past_gradients():
     g_flat, z_flat = (np.asarray(flat(tree)[0], np.float64) for tree in (g, projected))
     G_flat = np.asarray(jax.vmap(lambda tree: flat(tree)[0])(G), np.float64)
     assert np.any(G_flat @ g_flat < 0)
+    np.testing.assert_allclose(past_task_dots(g, G), G_flat @ g_flat, rtol=1e-6)
     # The flat problem's KKT conditions, in the parameter layout of ravel_pytree.
     assert np.min(G_flat @ z_flat) >= -1e-5 * np.abs(G_flat).max() * np.abs(g_flat).max()
     v, residual = dual_from_primal(g_flat, G_flat, z_flat)

@@ -140,19 +140,20 @@ def test_many_permutations_defaults(mnist):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"num_tasks": 0}, "num_tasks=0"),
-        ({"train_per_task": N_TRAIN + 1}, "only 60 are available"),
-        ({"test_per_task": 0}, "test_per_task=0"),
-        ({"seed": -1}, "seed=-1"),
-        ({"seed": 1.5}, "seed=1.5"),
-        ({"validation_size": N_TRAIN}, r"validation_size=60: give an int in \[0, 60\)"),
+        ({"num_tasks": 0}, ValueError, "num_tasks must be a Python int >= 1, got 0"),
+        ({"train_per_task": N_TRAIN + 1}, ValueError, "only 60 are available"),
+        ({"test_per_task": 0}, ValueError, "test_per_task must be a Python int >= 1, got 0"),
+        ({"seed": -1}, ValueError, "seed must be a Python int >= 0, got -1"),
+        ({"seed": 1.5}, TypeError, "seed must be a Python int >= 0, got 1.5"),
+        ({"validation_size": N_TRAIN}, ValueError,
+         r"validation_size=60: give an int in \[0, 60\)"),
     ],
 )
-def test_permuted_bad_arguments(mnist, kwargs, match):
+def test_permuted_bad_arguments(mnist, kwargs, error, match):
     args = {"num_tasks": 2, "train_per_task": 5, "test_per_task": 5, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         permuted_mnist(mnist, **args)
 
 

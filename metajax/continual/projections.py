@@ -71,6 +71,18 @@ def _matvec(M: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.matmul(M, v, precision=_HIGHEST)
 
 
+def past_task_dots(g: PyTree, G: PyTree) -> jax.Array:
+    """``G g``: the inner product of the current gradient with each past-task gradient, ``[t]``.
+
+    ``G`` has the structure of ``g`` with a leading ``[t]`` axis on every leaf; a negative
+    entry is a GEM constraint the raw step would violate. Computed over all leaves in at
+    least float32 at the highest precision, exactly as :func:`project_gem` tests it.
+    """
+    G_leaves = jax.tree.leaves(G)
+    t = G_leaves[0].shape[0]
+    return _matvec(_flatten(G_leaves, t), _flatten(jax.tree.leaves(g)))
+
+
 def nnls(A: jax.Array, b: jax.Array, max_steps: int | None = None) -> jax.Array:
     """Non-negative least squares ``min_v 1/2 |A v - b|^2  subject to  v >= 0``, under jit.
 
@@ -221,7 +233,7 @@ def project_gem(
     G_flat = _flatten(G_leaves, t)
     g_flat = _flatten(g_leaves)
     dtype = g_flat.dtype
-    violated = jnp.any(_matvec(G_flat, g_flat) < 0)
+    violated = jnp.any(past_task_dots(g, G) < 0)
     lower = jnp.broadcast_to(jnp.asarray(margin, dtype), (t,))
 
     def dual(_):

@@ -15,25 +15,11 @@ read anything into positions; MAML's losses are means over examples and ignore o
 
 from __future__ import annotations
 
-import operator
-
 import jax
 import jax.numpy as jnp
 
+from metajax._checks import check_int
 from metajax.types import Task
-
-
-def _positive_int(name: str, value: object) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be a Python int, got {value!r} of type {type(value).__name__}; "
-            f"under jax.jit pass {name} as a static argument (static_argnames)."
-        ) from None
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}.")
-    return v
 
 
 def validate_episode_args(
@@ -49,9 +35,9 @@ def validate_episode_args(
             f"images must be [classes, per_class, H, W, C], got shape {tuple(images_shape)}; "
             "add a channel axis for grayscale images (images[..., None])."
         )
-    ways = _positive_int("ways", ways)
-    shots = _positive_int("shots", shots)
-    queries = _positive_int("queries", queries)
+    ways = check_int("ways", ways)
+    shots = check_int("shots", shots)
+    queries = check_int("queries", queries)
     classes, per_class = images_shape[0], images_shape[1]
     if ways > classes:
         raise ValueError(
@@ -122,7 +108,7 @@ def sample_episodes(
     query=(x [T, ways*queries, H, W, C], y [T, ways*queries]))``. Jit with
     ``static_argnames=("num_tasks", "ways", "shots", "queries")``.
     """
-    num_tasks = _positive_int("num_tasks", num_tasks)
+    num_tasks = check_int("num_tasks", num_tasks)
     ways, shots, queries = validate_episode_args(tuple(images.shape), ways, shots, queries)
     keys = jax.random.split(key, num_tasks)
     return jax.vmap(lambda k: _episode(k, images, ways, shots, queries))(keys)

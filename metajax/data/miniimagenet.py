@@ -44,7 +44,6 @@ import csv
 import hashlib
 import io
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,10 +53,10 @@ from PIL import Image
 
 from metajax.data.sources import (
     DataFormatError,
-    atomic_save_npz,
-    read_npz,
+    read_npz_cache,
     require_data_dir,
     restricted_pickle_load,
+    write_npz_cache,
 )
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -352,23 +351,22 @@ def _decode_image(path: Path) -> np.ndarray:
 
 def _read_cache(path: Path, n_classes: int) -> tuple[np.ndarray, tuple[str, ...]] | None:
     """A folder cache's ``(images, wnids)``, or ``None`` (with a warning) if it is unusable."""
-    try:
-        arrays = read_npz(path, ("images", "wnids"))
-    except (OSError, DataFormatError) as err:
-        warnings.warn(f"ignoring unreadable cache {path} ({err}); re-decoding.", stacklevel=3)
+
+    def usable(arrays: dict[str, np.ndarray]) -> bool:
+        images, wnids = arrays["images"], arrays["wnids"]
+        return (
+            images.dtype == np.uint8
+            and images.ndim == 5
+            and images.shape[0] == n_classes
+            and images.shape[2:] == (IMAGE_SIZE, IMAGE_SIZE, 3)
+            and wnids.shape == (n_classes,)
+            and wnids.dtype.kind == "U"
+        )
+
+    arrays = read_npz_cache([path.parent], path.name, ("images", "wnids"), usable)
+    if arrays is None:
         return None
-    images, wnids = arrays["images"], arrays["wnids"]
-    if (
-        images.dtype != np.uint8
-        or images.ndim != 5
-        or images.shape[0] != n_classes
-        or images.shape[2:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
-        or wnids.shape != (n_classes,)
-        or wnids.dtype.kind != "U"
-    ):
-        warnings.warn(f"ignoring cache {path} with unexpected contents; re-decoding.", stacklevel=3)
-        return None
-    return images, tuple(str(w) for w in wnids)
+    return arrays["images"], tuple(str(w) for w in arrays["wnids"])
 
 
 class _FolderPlan(NamedTuple):
@@ -419,15 +417,8 @@ def _load_folder_split(plan: _FolderPlan, cache: bool) -> tuple[np.ndarray, tupl
                     f"{p}: cannot decode image ({type(err).__name__}: {err}); re-copy the file."
                 ) from err
     if cache:
-        try:
-            atomic_save_npz(plan.cache_path, images=images, wnids=np.array(plan.wnids, dtype=str))
-        except OSError as err:
-            # A read-only data directory must not stop training; only the speed-up is lost.
-            warnings.warn(
-                f"could not write mini-ImageNet cache {plan.cache_path} ({err}); pass a "
-                "writable cache_dir= to avoid decoding the images again next time.",
-                stacklevel=3,
-            )
+        write_npz_cache([plan.cache_path.parent], plan.cache_path.name, "mini-ImageNet",
+                        images=images, wnids=np.array(plan.wnids, dtype=str))
     return images, plan.wnids
 
 

@@ -58,14 +58,13 @@ from PIL import Image
 
 from metajax.data.sources import (
     DataFormatError,
-    atomic_save_npz,
     cache_dir_candidates,
     ensure_files,
-    is_writable_dir,
-    read_npz,
+    read_npz_cache,
     require_data_dir,
     resolve_url,
     sha256_file,
+    write_npz_cache,
 )
 
 OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
@@ -422,23 +421,16 @@ def _cache_name(subset: str, sha: str, size: int, resample: str) -> str:
 def _read_cache(caches: list[Path], name: str, sha: str, size: int):
     """The first usable cache ``name`` among ``caches``: (images, alphabets, characters).
 
-    An unreadable cache, or one whose arrays do not match (checksum, dtype, shapes), is
-    skipped with a warning naming it; ``None`` when none is usable.
+    One whose arrays do not match its archive (checksum, dtype, shapes) is skipped with a
+    warning (:func:`metajax.data.sources.read_npz_cache`); ``None`` when none is usable.
     """
-    for folder in caches:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            f = read_npz(path, ("images", "alphabet", "character", "sha256"))
-        except (OSError, DataFormatError) as e:
-            warnings.warn(f"ignoring unreadable cache {path}: {e}", stacklevel=4)
-            continue
+
+    def usable(f: dict[str, np.ndarray]) -> bool:
         images, alphabet, character, digest = (
             f["images"], f["alphabet"], f["character"], f["sha256"]
         )
         n = images.shape[0] if images.ndim else -1
-        if (
+        return (
             digest.shape == ()
             and digest.dtype.kind == "U"
             and str(digest) == sha
@@ -446,28 +438,15 @@ def _read_cache(caches: list[Path], name: str, sha: str, size: int):
             and images.shape == (n, DRAWINGS, size, size)
             and alphabet.shape == character.shape == (n,)
             and alphabet.dtype.kind == character.dtype.kind == "U"
-        ):
-            return images, alphabet, character
-        warnings.warn(f"ignoring cache {path}: it does not match its source", stacklevel=4)
-    return None
+        )
+
+    f = read_npz_cache(caches, name, ("images", "alphabet", "character", "sha256"), usable)
+    return None if f is None else (f["images"], f["alphabet"], f["character"])
 
 
 def _write_cache(caches, name, images, alphabet, character, sha) -> None:
-    for folder in caches:
-        if is_writable_dir(folder):
-            atomic_save_npz(
-                folder / name,
-                images=images,
-                alphabet=alphabet,
-                character=character,
-                sha256=np.array(sha),
-            )
-            return
-    warnings.warn(
-        f"no writable cache folder among {[str(c) for c in caches]}; Omniglot will be "
-        "preprocessed again next time (pass cache_dir= or set $METAJAX_CACHE_DIR)",
-        stacklevel=4,
-    )
+    write_npz_cache(caches, name, "Omniglot", images=images, alphabet=alphabet,
+                    character=character, sha256=np.array(sha))
 
 
 def _decode_zip(data: bytes, path: Path, subset: str, sha: str, size: int, resample: str):

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -298,6 +299,62 @@ def is_writable_dir(path: str | os.PathLike) -> bool:
         return False
     write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
     return bool(path.stat().st_mode & write_bits)
+
+
+def read_npz_cache(
+    folders: Sequence[str | os.PathLike],
+    name: str,
+    members: Sequence[str],
+    usable: Callable[[dict[str, np.ndarray]], bool],
+) -> dict[str, np.ndarray] | None:
+    """The arrays of the first usable cache file ``name`` among ``folders``, else ``None``.
+
+    Each ``<folder>/<name>`` that exists is read with :func:`read_npz`; one that cannot be read,
+    or whose arrays ``usable`` rejects (a checksum, dtype or shape that does not match its
+    source), is skipped with a warning naming it, so a bad cache costs a rebuild, never a run.
+    """
+    for folder in folders:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            arrays = read_npz(path, members)
+        except (OSError, DataFormatError) as e:
+            warnings.warn(f"ignoring unreadable cache {path}: {e}; rebuilding it", stacklevel=3)
+            continue
+        if usable(arrays):
+            return arrays
+        warnings.warn(
+            f"ignoring cache {path}: its contents do not match its source; rebuilding it",
+            stacklevel=3,
+        )
+    return None
+
+
+def write_npz_cache(
+    folders: Sequence[str | os.PathLike], name: str, what: str, **arrays: np.ndarray
+) -> Path | None:
+    """Write ``arrays`` as ``<folder>/name`` into the first of ``folders`` that takes it.
+
+    Folders that are not writable (:func:`is_writable_dir`) or whose write fails are passed
+    over; when none takes it, a warning says that ``what`` will be rebuilt next time and how to
+    avoid that, and ``None`` is returned: a read-only data directory never stops a run.
+    """
+    errors = []
+    for folder in folders:
+        if not is_writable_dir(folder):
+            errors.append(f"{folder}: not writable")
+            continue
+        try:
+            return atomic_save_npz(Path(folder) / name, **arrays)
+        except OSError as e:
+            errors.append(f"{folder}: {e}")
+    warnings.warn(
+        f"could not write the {what} cache {name} ({'; '.join(errors)}); {what} will be "
+        "prepared again next time (pass a writable cache_dir= or set $METAJAX_CACHE_DIR)",
+        stacklevel=3,
+    )
+    return None
 
 
 def cache_dir_candidates(

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from metajax._checks import check_int
 from metajax.data.cifar100 import CIFAR100, NUM_CLASSES
 from metajax.data.mnist import MNIST
 from metajax.data.omniglot import OmniglotArrays
@@ -69,9 +70,9 @@ def task_permutations(
       int32 ``[num_tasks, num_features]``; row ``t`` is a permutation of ``range(num_features)``
       and feature ``j`` of task ``t`` is pixel ``perm[t, j]`` of the image.
     """
-    _check_count("num_tasks", num_tasks)
-    _check_count("num_features", num_features)
-    _check_seed(seed)
+    check_int("num_tasks", num_tasks)
+    check_int("num_features", num_features)
+    check_int("seed", seed, minimum=0)
     perms = np.stack(
         [_rng(seed, _PERMUTATION, t).permutation(num_features) for t in range(num_tasks)]
     )
@@ -103,8 +104,8 @@ def rotation_angles(
     Returns:
       float64 ``[num_tasks]`` angles in ``[angle_range[0], angle_range[1])``.
     """
-    _check_count("num_tasks", num_tasks)
-    _check_seed(seed)
+    check_int("num_tasks", num_tasks)
+    check_int("seed", seed, minimum=0)
     lo, hi = (float(a) for a in angle_range)
     if not lo < hi:
         raise ValueError(f"angle_range={angle_range!r}: give (low, high) with low < high")
@@ -273,8 +274,8 @@ def _mnist_stream(
     num_tasks: int,
     transform: Callable[[np.ndarray, int], np.ndarray],
 ) -> Stream:
-    _check_count("num_tasks", num_tasks)
-    _check_seed(seed)
+    check_int("num_tasks", num_tasks)
+    check_int("seed", seed, minimum=0)
     features = int(np.prod(mnist.train_x.shape[1:]))
     stream = Stream(
         train_x=np.empty((num_tasks, train_n, features), np.float32),
@@ -338,8 +339,8 @@ def split_cifar100(
       :class:`Stream` with ``train_x [num_tasks, train_per_task, 32, 32, 3]`` and
       ``class_mask [num_tasks, 100]``.
     """
-    _check_count("num_tasks", num_tasks)
-    _check_seed(seed)
+    check_int("num_tasks", num_tasks)
+    check_int("seed", seed, minimum=0)
     classes = NUM_CLASSES
     if classes % num_tasks:
         raise ValueError(f"num_tasks={num_tasks}: give a divisor of {classes}, e.g. 20 or 10")
@@ -442,7 +443,7 @@ def split_omniglot(
       ``test_x [tasks, k * (20 - train_drawings), size, size, 1]`` and
       ``class_mask [tasks, tasks * k]``.
     """
-    _check_seed(seed)
+    check_int("seed", seed, minimum=0)
     images = np.asarray(arrays.images)
     names = np.asarray(arrays.alphabet)
     if images.ndim != 4 or len(names) != len(images):
@@ -504,20 +505,10 @@ def _rng(seed: int, purpose: int, task: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), purpose, task])
 
 
-def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed={seed!r}: give a non-negative int")
-
-
-def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r}: give a positive int")
-
-
 def _count_or_all(name: str, value: int | None, available: int) -> int:
     if value is None:
         return available
-    _check_count(name, value)
+    check_int(name, value)
     if value > available:
         raise ValueError(f"{name}={value}: only {available} are available; pass at most that")
     return int(value)

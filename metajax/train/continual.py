@@ -49,14 +49,12 @@ MATRIX_FILE = "acc_matrix.json"
 HEATMAP_FILE = "acc_matrix.png"
 SUMMARY_FILE = "metrics.json"
 RESULT_FILES = (MATRIX_FILE, HEATMAP_FILE, SUMMARY_FILE)
+#: Decimals kept for every float in the run files (accuracies are exact to far fewer).
+DIGITS = 6
 
 
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _json_ready(value):
-    return to_jsonable(value, digits=6)
 
 
 def train_continual(
@@ -206,8 +204,8 @@ def train_continual(
                                     "fingerprint": fingerprint, "wall_s": wall})
         row = np.asarray(carry["acc_rows"][t], np.float64)
         mean_row = row if row.ndim == 1 else row.mean(axis=0)
-        record = {"task": t, "acc": _json_ready(row),
-                  "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), 6),
+        record = {"task": t, "acc": to_jsonable(row, DIGITS),
+                  "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), DIGITS),
                   "wall_s": wall}
         append_jsonl(tasks_path, record)
         if bar is not None:
@@ -261,12 +259,12 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
     """Write ``acc_matrix.json``, the heatmap and ``metrics.json``; return the summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
-    _write_text(run_dir / MATRIX_FILE, dumps(_json_ready({
+    _write_text(run_dir / MATRIX_FILE, dumps(to_jsonable({
         "acc_matrix": R,
         "random_init_acc": result["random_init_acc"],
         "rows": "after training task i", "columns": "accuracy on task j",
         "seeds": seed_list or [None],
-    })) + "\n")
+    }, DIGITS)) + "\n")
     save_heatmap(mean_R, run_dir / HEATMAP_FILE,
                  title=f"{labels.get('preset', 'custom')}: {labels.get('learner', '')}, "
                        f"ACC {mean_R[-1].mean():.3f}")
@@ -291,8 +289,8 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
                     "devices": devices, "processes": jax.process_count()})
     full = {k: v for k, v in result.items() if k not in ("acc_matrix", "random_init_acc")}
     full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
-    _write_text(run_dir / SUMMARY_FILE, dumps(_json_ready(full), indent=1) + "\n")
-    return _json_ready(summary)
+    _write_text(run_dir / SUMMARY_FILE, dumps(to_jsonable(full, DIGITS), indent=1) + "\n")
+    return to_jsonable(summary, DIGITS)
 
 
 def _sweep_summary(per_run: list[dict], settings: list[dict], seeds: int) -> list[dict]:
