@@ -17,7 +17,9 @@ beyond float rounding (the order of a sum), so it is a performance setting:
   * ``"auto"``: the measured default of the backend, :func:`resolve_task_map`.
 
 Every meta-learner takes ``task_map=`` (``mj.maml(..., task_map="scan")``); the functions here
-are public for user-written meta-objectives.
+are public for user-written meta-objectives. Given a :class:`~metajax.types.Task`, they check
+first that it is a batch with a task axis (:func:`check_task_batch`), so that one task passed
+without that axis is an error rather than a batch of one-example tasks.
 
 Across devices the task axis is sharded first (:func:`sharded_map` here,
 :mod:`metajax.train.parallel` for the meta-gradient) and each device's share then runs as
@@ -33,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from metajax.types import Task
 
 TaskMap = Any
 """``"auto"``, ``"vmap"``, ``"scan"`` or a positive int (tasks per vmapped chunk)."""
@@ -70,12 +74,68 @@ def resolve_task_map(task_map: TaskMap = "auto", backend: str | None = None) -> 
     return _DEFAULTS.get(backend, "vmap")
 
 
-def _num_tasks(tasks: Any) -> int:
-    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(tasks)}
+_STACK_HINT = ("stack tasks on a leading axis, e.g. jax.tree.map(lambda a: a[None], task) for "
+               "one task, or jax.tree.map(lambda *a: jnp.stack(a), *tasks) for a list")
+
+
+def _shapes(tree: Any) -> Any:
+    return jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
+
+
+def check_task_batch(tasks: Task) -> int:
+    """The number of tasks ``T`` of a :class:`~metajax.types.Task` batch; ``ValueError`` when
+    ``tasks`` does not look like one.
+
+    A batch of ``T`` tasks has a leading task axis on every leaf of ``support`` and ``query``
+    and, after it, each task's arrays with their example axis (a :data:`~metajax.types.Batch`'s
+    leading axis), e.g. ``x [T, K, 1]``, ``y [T, K]``. One task passed without its task axis
+    would otherwise be read as its examples, each a task of one point, and give a meaningless
+    meta-gradient with no error. So this requires:
+
+    * every leaf to have at least two axes (task and example): this catches one unbatched
+      task with rank-1 leaves, e.g. integer labels ``y [K]`` of a classification task, even
+      when support and query have the same size;
+    * every leaf of ``support`` and ``query`` to share the same leading size ``T``: this
+      catches one unbatched task whose support and query sizes differ (``K != Q``).
+
+    Not decidable from shapes, so not detected: one unbatched task whose leaves all have
+    rank >= 2 (e.g. ``x [K, 1]``, ``y [K, 1]``) and whose support and query have the same
+    number of examples (``K == Q``); it is read as ``K`` tasks of one example each.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tuple(tasks))
+    flat = [(("support", "query")[path[0].idx] + jax.tree_util.keystr(path[1:]), jnp.shape(x))
+            for path, x in leaves]
+    described = (f"support shapes {_shapes(tasks.support)}, query shapes "
+                 f"{_shapes(tasks.query)}")
+    if not flat:
+        raise ValueError("a batch of tasks needs arrays in support and query, got none")
+    low = [name for name, shape in flat if len(shape) < 2]
+    if low:
+        raise ValueError(
+            f"a batch of tasks needs a leading task axis on every array of support and query, "
+            f"then each task's arrays with their example axis (rank >= 2), but {low} "
+            f"{'has' if len(low) == 1 else 'have'} fewer axes; got {described}. Is this one "
+            f"task without its task axis? {_STACK_HINT}")
+    sizes = sorted({shape[0] for _, shape in flat})
     if len(sizes) != 1:
         raise ValueError(
-            f"every leaf of the task batch needs the same leading task axis, got sizes "
-            f"{sorted(sizes)}"
+            f"every array of a batch of tasks needs the same leading task axis, got leading "
+            f"sizes {sizes}: {described}. Is this one task without its task axis? "
+            f"{_STACK_HINT}")
+    return sizes[0]
+
+
+def _num_tasks(tasks: Any) -> int:
+    """The leading (task) axis size shared by every leaf of ``tasks``; a
+    :class:`~metajax.types.Task` is checked by :func:`check_task_batch`."""
+    if isinstance(tasks, Task):
+        return check_task_batch(tasks)
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(tasks)]
+    sizes = {shape[0] if shape else None for shape in shapes}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"every leaf of the task batch needs the same leading task axis, got shapes "
+            f"{_shapes(tasks)}"
         )
     return sizes.pop()
 

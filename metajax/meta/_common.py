@@ -31,6 +31,10 @@ def averaged_meta_grad(
     axis is executed as ``task_map`` says (:mod:`metajax.task_map`: one ``vmap``, a ``scan``
     summing per-task gradients, or scanned vmapped chunks); the result is the same up to float
     rounding. ``metrics`` are averaged over tasks and get ``meta_loss``.
+
+    ``tasks`` must carry its task axis: one task without it is refused (``ValueError``) by
+    :func:`metajax.task_map.check_task_batch` where the shapes tell (see there), rather than
+    read as a batch of one-example tasks.
     """
     (meta_loss, metrics), grads = mean_value_and_grad(task_objective, meta_params, tasks,
                                                       task_map)
