@@ -69,7 +69,12 @@ LEARNERS = {
     "finetune": lambda: finetune(LOSS, optax.sgd(0.1)),
     "er": lambda: er(LOSS, optax.adam(1e-2), memory_size=8, replay_batch=4),
     "agem": lambda: agem(LOSS, optax.sgd(0.1), memory_per_task=4, ref_batch=8),
+    "agem_per_class": lambda: agem(LOSS, optax.sgd(0.1), memory_per_task=6, ref_batch=4,
+                                   num_classes=C),
+    "agem_with_replacement": lambda: agem(LOSS, optax.sgd(0.1), memory_per_task=4, ref_batch=8,
+                                          ref_sampling="with_replacement"),
     "gem": lambda: gem(LOSS, optax.sgd(0.1), memory_per_task=4),
+    "gem_ridge": lambda: gem(LOSS, optax.sgd(0.1), memory_per_task=4, ridge=1e-3),
     "mer": lambda: mer(LOSS, 0.05, 0.5, 1.0, 2, memory_size=8, replay_batch=3),
     "lamaml": lambda: lamaml(LOSS, alpha_init=0.1, lr_eta=0.1, memory_size=8, replay_batch=4),
     "sync": lambda: lamaml(
@@ -154,6 +159,16 @@ def test_bad_arguments_fail_early():
         er(LOSS, optax.sgd(0.1), memory_size=0, replay_batch=1)
     with pytest.raises(TypeError, match="optax"):
         agem(LOSS, 0.1, memory_per_task=4)
+    with pytest.raises(ValueError, match="pass num_classes"):
+        agem(LOSS, optax.sgd(0.1), memory_per_task=4, memory="per_class")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        agem(LOSS, optax.sgd(0.1), memory_per_task=4, num_classes=3)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        agem(LOSS, optax.sgd(0.1), memory_per_task=4, memory="reservoir")
+    with pytest.raises(ValueError, match="ref_sampling must be one of"):
+        agem(LOSS, optax.sgd(0.1), memory_per_task=4, ref_sampling="uniform")
+    with pytest.raises(ValueError, match="ridge"):
+        gem(LOSS, optax.sgd(0.1), memory_per_task=4, ridge=-1.0)
     with pytest.raises(ValueError, match="lr_eta"):
         lamaml(LOSS, alpha_init=0.1, memory_size=4, replay_batch=2)
     with pytest.raises(ValueError, match="outer_lr"):
@@ -228,6 +243,80 @@ def test_agem_on_the_first_task_is_plain_sgd():
     assert float(metrics["ref_loss"]) == 0.0
 
 
+def test_agem_reference_batch_is_the_whole_memory_while_it_is_smaller():
+    """Without replacement and a memory of past tasks no larger than ``ref_batch``, the
+    reference gradient is that of the mean loss over every stored example, exactly (with
+    replacement it would be a random resample of them)."""
+    lr = 0.5
+    cl = jitted(agem(LOSS, optax.sgd(lr), memory_per_task=4, ref_batch=8))
+    state = cl.init(mlp(KEY), KEY, EXAMPLE, 2)
+    state, _ = cl.update(state, (X, Y), 0)  # task 0's four slots hold (X, Y)
+    params = state.params
+    relabelled = (X, (Y + 1) % C)  # conflicts with the memory
+    state, metrics = cl.update(state, relabelled, 1)
+
+    def mean_grad(batch):
+        return jax.grad(lambda p: jnp.mean(LOSS(p, batch, jnp.zeros(4, jnp.int32))))(params)
+
+    g, g_ref = mean_grad(relabelled), mean_grad((X, Y))
+    dot, ref_sq = tree_dot(g, g_ref), tree_dot(g_ref, g_ref)
+    assert float(dot) < 0 and float(metrics["projected"]) == 1.0
+    expected = jax.tree.map(lambda p, a, b: p - lr * (a - dot / ref_sq * b), params, g, g_ref)
+    leaves_close(state.params, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["ref_loss"],
+                               jnp.mean(LOSS(params, (X, Y), jnp.zeros(4, jnp.int32))),
+                               rtol=1e-6)
+
+
+def test_agem_per_class_memory_is_balanced():
+    """A task whose stream is mostly class 0 still leaves ``per_class`` examples of every
+    class it showed (a per-task ring would keep its last rows, nearly all class 0)."""
+    cl = jitted(agem(LOSS, optax.sgd(0.1), memory_per_task=6, ref_batch=4, num_classes=C))
+    state = cl.init(mlp(KEY), KEY, EXAMPLE, 2)
+    xs = jax.random.normal(jax.random.PRNGKey(3), (5, 4, D))
+    labels = jnp.array([[1, 2, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    for x, y in zip(xs, labels, strict=True):
+        state, _ = cl.update(state, (x, y), 0)
+    memory = state.memory
+    np.testing.assert_array_equal(memory.count, [[16, 2, 2], [0, 0, 0]])
+    # Class c's ring is slots 2c, 2c + 1: the last two class-0 rows, both of 1 and of 2.
+    np.testing.assert_array_equal(memory.y[0], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(memory.x[0][2:4], xs[0][jnp.array([0, 2])])
+    np.testing.assert_array_equal(memory.x[0][4:], xs[0][jnp.array([1, 3])])
+    assert {tuple(r) for r in np.asarray(memory.x[0][:2])} == \
+        {tuple(r) for r in np.asarray(xs[4][2:])}
+    per_task = jitted(agem(LOSS, optax.sgd(0.1), memory_per_task=6, ref_batch=4))
+    ring = per_task.init(mlp(KEY), KEY, EXAMPLE, 2)
+    for x, y in zip(xs, labels, strict=True):
+        ring, _ = per_task.update(ring, (x, y), 0)
+    np.testing.assert_array_equal(ring.memory.y[0], 0)  # the last six rows: class 0 only
+
+
+@pytest.mark.parametrize("name", ["agem_per_class", "lamaml"])
+def test_memory_writes_stay_in_place_inside_a_scan(name):
+    """The per-class write and the first-glance write follow their reads (``after=``), so
+    XLA updates the memory in place instead of copying it every step."""
+    import re
+
+    if name == "agem_per_class":
+        cl = agem(LOSS, optax.sgd(0.1), memory_per_task=300, ref_batch=64, num_classes=C)
+        shape = f"4,300,{D}"
+    else:
+        cl = lamaml(LOSS, alpha_init=0.1, lr_eta=0.1, memory_size=1500, replay_batch=4,
+                    glances=3)
+        shape = f"1500,{D}"
+    state = cl.init(mlp(KEY), KEY, EXAMPLE, 4)
+    xs, ys = jnp.zeros((5, 4, D)), jnp.zeros((5, 4), jnp.int32)
+
+    def train_task(state, xs, ys, task):
+        return jax.lax.scan(lambda s, b: cl.update(s, b, task), state, (xs, ys))[0]
+
+    text = jax.jit(train_task, donate_argnums=0).lower(state, xs, ys, jnp.int32(2)) \
+        .compile().as_text()
+    assert re.search(rf"f32\[{shape}\]", text), "memory shape not found in the HLO"
+    assert not re.findall(rf"= f32\[{shape}\]\{{[0-9,]+\}} copy\(", text)
+
+
 # --- GEM ------------------------------------------------------------------------------------
 
 
@@ -261,6 +350,37 @@ def test_gem_step_raises_no_past_task_loss_to_first_order():
         assert float(along) >= -1e-5  # G g~ >= 0: no past loss rises to first order
     plain = tree_dot(past_grad(0), g)
     assert float(plain) < 0  # without the projection, task 0's loss would rise
+
+
+def test_gem_ridge_is_the_reference_dual():
+    """``ridge`` reaches the dual: the step is ``project_gem(..., ridge=ridge)`` of the
+    incoming gradient (the reference code's ``eps``), and differs from the exact one."""
+    from metajax.continual.projections import project_gem
+
+    lr, margin, ridge = 0.1, 0.0, 0.3  # no margin and a large ridge, to see it
+    x1 = jax.random.normal(jax.random.PRNGKey(2), (4, D))
+    steps = {}
+    for r in (0.0, ridge):
+        cl = jitted(gem(LOSS, optax.sgd(lr), memory_per_task=4, memory_strength=margin,
+                        ridge=r))
+        state = cl.init(mlp(KEY), KEY, EXAMPLE, 3)
+        state, _ = cl.update(state, (X, Y), 0)
+        state, _ = cl.update(state, (x1, (Y + 1) % C), 1)
+        params, memory = state.params, state.memory
+        state, metrics = cl.update(state, (X, (Y + 2) % C), 2)
+        assert float(metrics["violated"]) == 1.0
+        steps[r] = jax.tree.map(lambda new, old: (old - new) / lr, state.params, params)
+
+    def mean_grad(batch, k):
+        return jax.grad(lambda p: jnp.mean(LOSS(p, batch, jnp.full(4, k, jnp.int32))))(params)
+
+    g = mean_grad((X, (Y + 2) % C), 2)
+    past = [mean_grad((memory.x[k], memory.y[k]), k) for k in (0, 1)]
+    zero = jax.tree.map(jnp.zeros_like, g)
+    G = jax.tree.map(lambda *rows: jnp.stack(rows), *past, zero)  # task 2's row: no constraint
+    leaves_close(steps[ridge], project_gem(g, G, margin, ridge=ridge), rtol=1e-4, atol=1e-6)
+    leaves_close(steps[0.0], project_gem(g, G, margin), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(steps[ridge]["w2"], steps[0.0]["w2"], atol=1e-4)
 
 
 # --- MER ------------------------------------------------------------------------------------
@@ -412,3 +532,24 @@ def test_replay_past_tasks_reads_the_copy_taken_when_the_task_began():
     assert int(state.past_memory.size) == 2  # task 0's examples only
     assert int(state.memory.size) == 4
     np.testing.assert_array_equal(state.past_memory.task[:2], [0, 0])
+
+
+def test_lamaml_writes_the_batch_during_the_first_glance():
+    """As the authors' code: the first glance draws its replay, then the batch goes to
+    memory, so the second glance may replay it. With the linear loss every meta-gradient is
+    minus the mean input of the meta-batch: memory {x0}, incoming x1, 63 replays. The first
+    glance replays x0 only; the second draws from {x0, x1}, so x1's coordinate gets more
+    than the 1/64 of a batch it had in the first."""
+    outer, replays = 0.1, 63
+    cl = jitted(lamaml(linear_loss, alpha_init=0.1, outer_lr=outer, variant="cmaml",
+                       memory_size=4, replay_batch=replays, glances=2, first_order=True))
+    x0, x1, y = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]]), jnp.zeros(1, jnp.int32)
+    state = cl.init({"w": jnp.zeros(2)}, KEY, (x0[0], y[0]), 2)
+    state, _ = cl.update(state, (x0, y), 0)  # glance 1 replays x0 itself
+    state = state._replace(params={"w": jnp.zeros(2)})
+    new, _ = cl.update(state, (x1, y), 1)
+    assert (int(new.memory.seen), int(new.memory.size)) == (2, 2)  # offered once
+    first = outer * (x1[0] + replays * x0[0]) / (replays + 1)
+    second = new.params["w"] - first
+    np.testing.assert_allclose(float(jnp.sum(second)), outer, rtol=1e-5)
+    assert float(second[1]) > outer * 1.5 / (replays + 1)  # x1 replayed in the second glance

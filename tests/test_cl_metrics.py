@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metajax.continual import metrics
+from metajax.continual import metrics, metrics_over_seeds
 
 # Row i: accuracies after training on task i; column j: accuracy on task j.
 R = [
@@ -19,6 +19,8 @@ R = [
 #   ((0.95 - 0.60) + (0.80 - 0.50)) / 2 = (0.35 + 0.30) / 2             =  0.325
 # FWT with b = [0.10, 0.20, 0.25]: ((R[0,1] - b1) + (R[1,2] - b2)) / 2
 #   = ((0.10 - 0.20) + (0.30 - 0.25)) / 2 = (-0.10 + 0.05) / 2          = -0.025
+# GEM's and La-MAML's scripts divide the same sums by T = 3 instead of T - 1 = 2:
+#   BWT over T = -0.60 / 3 = -0.2;  FWT over T = -0.05 / 3 = -0.016667
 RANDOM_INIT = [0.10, 0.20, 0.25]
 # LCA curve [T=3, beta+1=3]: Z_0 = (0.1+0.2+0.0)/3 = 0.1, Z_1 = (0.5+0.6+0.4)/3 = 0.5,
 # Z_2 = (0.7+0.8+0.9)/3 = 0.8;  LCA_2 = (0.1 + 0.5 + 0.8) / 3 = 1.4 / 3 = 0.466667
@@ -37,9 +39,11 @@ def test_metrics_by_hand():
             "ra": 2.0 / 3,
             "bwt": -0.30,
             "bti": -0.30,
+            "bwt_over_T": -0.2,
             "forgetting": 0.325,
             "forgetting_since_learned": 0.30,
             "fwt": -0.025,
+            "fwt_over_T": -0.05 / 3,
             "lca": 1.4 / 3,
         }
     )
@@ -64,6 +68,7 @@ def test_agem_forgetting_takes_the_best_accuracy_before_the_last_task():
             "ra": 0.6,
             "bwt": -0.15,
             "bti": -0.15,
+            "bwt_over_T": -0.1,
             "forgetting": 0.225,
             "forgetting_since_learned": 0.15,
         }
@@ -99,3 +104,47 @@ def test_metrics_reject_bad_inputs_with_the_fix():
         metrics(R, lca_curve=[[0.1, 0.2]])
     with pytest.raises(ValueError, match=r"lca_curve must hold accuracies in \[0, 1\]"):
         metrics(R, lca_curve=np.full((3, 2), 1.5))
+
+
+def test_gem_scripts_average_over_all_tasks():
+    # GEM's confusion_matrix: bwt = R[T-1] - diag (0 for the last task), fwt = zeros(T)
+    # filled from task 1, both .mean() over T entries; T = 4 here.
+    Rm = np.array([[0.8, 0.2, 0.1, 0.3],
+                   [0.6, 0.9, 0.4, 0.1],
+                   [0.5, 0.7, 0.9, 0.2],
+                   [0.4, 0.6, 0.8, 0.7]])
+    b = np.array([0.1, 0.1, 0.2, 0.1])
+    out = metrics(Rm, random_init_acc=b)
+    gem_bwt = np.mean(Rm[-1] - np.diag(Rm))  # (-0.4 - 0.3 - 0.1 + 0) / 4 = -0.2
+    gem_fwt = np.mean([0.0] + [Rm[t - 1, t] - b[t] for t in range(1, 4)])  # 0.4 / 4 = 0.1
+    assert gem_bwt == pytest.approx(-0.2) and gem_fwt == pytest.approx(0.1)
+    assert out["bwt_over_T"] == pytest.approx(gem_bwt)
+    assert out["fwt_over_T"] == pytest.approx(gem_fwt)
+    assert out["bwt"] == pytest.approx(-0.8 / 3) and out["fwt"] == pytest.approx(0.4 / 3)
+    assert out["bwt_over_T"] == pytest.approx(3 / 4 * out["bwt"])
+
+
+def test_metrics_over_seeds_mean_of_runs_and_of_the_mean_matrix():
+    # Task 0 peaks at 0.9 in both runs, but at different stages: each run forgets 0.4 of it;
+    # the averaged column [0.75, 0.75, 0.5] peaks at 0.75 and forgets only 0.25 (A-GEM's
+    # compute_fgt(runs.mean(0))). Task 1 forgets 0.1 in both.
+    Ra = [[0.9, 0.1, 0.1], [0.6, 0.8, 0.1], [0.5, 0.7, 0.9]]
+    Rb = [[0.6, 0.1, 0.1], [0.9, 0.8, 0.1], [0.5, 0.7, 0.9]]
+    out = metrics_over_seeds([Ra, Rb], random_init_acc=[[0.1] * 3, [0.1] * 3],
+                             lca_curve=[[[0.1, 0.3]] * 3, [[0.1, 0.5]] * 3])
+    assert out["mean"]["forgetting"] == pytest.approx((0.4 + 0.1) / 2)
+    assert out["std"]["forgetting"] == pytest.approx(0.0, abs=1e-12)
+    assert out["of_mean_matrix"]["forgetting"] == pytest.approx((0.25 + 0.1) / 2)
+    # BWT: run a ((0.5-0.9) + (0.7-0.8)) / 2 = -0.25, run b ((0.5-0.6) + (0.7-0.8)) / 2 =
+    # -0.1; linear, so the mean matrix gives the mean, -0.175.
+    assert out["mean"]["bwt"] == pytest.approx(-0.175)
+    assert out["std"]["bwt"] == pytest.approx(0.075)
+    assert out["of_mean_matrix"]["bwt"] == pytest.approx(-0.175)
+    assert [m["bwt"] for m in out["per_seed"]] == pytest.approx([-0.25, -0.1])
+    assert out["mean"]["acc"] == out["of_mean_matrix"]["acc"] == pytest.approx(0.7)
+    assert out["mean"]["lca"] == pytest.approx(0.25)
+    assert out["of_mean_matrix"]["lca"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"\[S, T, T\]"):
+        metrics_over_seeds(Ra)
+    with pytest.raises(ValueError, match="one entry per run"):
+        metrics_over_seeds([Ra, Rb], random_init_acc=[[0.1] * 3])

@@ -323,3 +323,122 @@ def test_episodic_sample_with_traced_bound_and_empty_tasks():
     assert not np.any(sample(empty, jax.random.key(0), 5, jnp.int32(2)).valid)
     with pytest.raises(ValueError, match="up_to_task"):
         episodic_sample(memory, jax.random.key(0), 5, 7)
+
+
+def test_reservoir_add_batch_offers_only_the_marked_rows():
+    """Row i keeps the i-th split key: offering rows 1 and 3 is adding them one after the
+    other with those keys; a traced ``False`` changes nothing."""
+    buffer = reservoir_init(2, jnp.int32(0), jnp.int32(0))
+    buffer = reservoir_add_batch(buffer, jax.random.key(1), jnp.array([7, 8]), jnp.zeros(2,
+                                 jnp.int32), 0)
+    xs, key = jnp.arange(4, dtype=jnp.int32) + 10, jax.random.key(5)
+    offer = jnp.array([False, True, False, True])
+    marked = jax.jit(reservoir_add_batch)(buffer, key, xs, xs, 1, offer=offer)
+    single = buffer
+    for i in (1, 3):
+        single = reservoir_add(single, jax.random.split(key, 4)[i], xs[i], xs[i], 1)
+    for a, b in zip(marked, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(marked.seen) == 4
+    nothing = jax.jit(reservoir_add_batch)(buffer, key, xs, xs, 1, offer=jnp.bool_(False))
+    for a, b in zip(nothing, buffer, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- episodic memory, one ring per class (A-GEM's reference layout) -----------------------
+
+
+def test_per_class_memory_keeps_the_last_examples_of_every_class():
+    memory = episodic_init(2, 6, jnp.int32(0), jnp.int32(0), num_classes=3)  # 2 per class
+    assert memory.count.shape == (2, 3)
+    # Class 0 is offered 10, 12, 13 (its ring keeps 13, 12), class 1 11 and 15, class 2
+    # 14; label 5 is no class and is not stored.
+    memory = episodic_add(memory, jnp.array([10, 11, 12, 13, 14, 15, 16]),
+                          jnp.array([0, 1, 0, 0, 2, 1, 5]), 1)
+    np.testing.assert_array_equal(memory.x[1], [13, 12, 11, 15, 14, 0])
+    np.testing.assert_array_equal(memory.y[1], [0, 0, 1, 1, 2, 0])
+    np.testing.assert_array_equal(memory.count, [[0, 0, 0], [3, 2, 1]])
+    np.testing.assert_array_equal(episodic_valid(memory),
+                                  [[0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    # Class 1's ring continues where it stopped: 20 and 21 replace 11 and 15.
+    memory = episodic_add(memory, jnp.array([20, 21]), jnp.array([1, 1]), 1)
+    np.testing.assert_array_equal(memory.x[1], [13, 12, 20, 21, 14, 0])
+    np.testing.assert_array_equal(memory.x[0], 0)
+
+
+def test_per_class_batch_write_equals_one_at_a_time():
+    memory = episodic_init(2, 8, jnp.zeros((2,)), jnp.int32(0), num_classes=4)
+    labels = jnp.array([0, 1, 0, 0, 3, 0, 1, 2, 0, 3, 3])
+    xs = jnp.arange(22.0).reshape(11, 2)
+    batched = jax.jit(episodic_add)(memory, xs, labels, 1)
+    single = memory
+    for x, y in zip(xs, labels, strict=True):
+        single = episodic_add(single, x[None], y[None], 1)
+    for a, b in zip(batched, single, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(batched.count[1], [5, 2, 1, 3])
+
+
+def test_per_class_memory_needs_a_multiple_and_integer_labels():
+    with pytest.raises(ValueError, match="multiple of num_classes=4"):
+        episodic_init(2, 6, jnp.int32(0), jnp.int32(0), num_classes=4)
+    with pytest.raises(ValueError, match="integer class labels"):
+        episodic_init(2, 8, jnp.int32(0), jnp.zeros(3), num_classes=4)
+
+
+def class_memory():
+    """Three tasks, 2 classes x 2 slots each: task 0 holds 3 examples, task 1 all 4, task 2
+    one; ``x = 100 * task + i + 1`` for the task's i-th example."""
+    memory = episodic_init(3, 4, jnp.int32(0), jnp.int32(0), num_classes=2)
+    for task, labels in [(0, [0, 0, 1]), (1, [1, 0, 1, 0]), (2, [1])]:
+        xs = 100 * task + jnp.arange(len(labels), dtype=jnp.int32) + 1
+        memory = episodic_add(memory, xs, jnp.array(labels), task)
+    return memory
+
+
+def test_per_class_sampling_with_replacement_is_uniform_over_stored_examples():
+    sample = jax.jit(episodic_sample, static_argnums=2)(class_memory(), jax.random.key(0),
+                                                         7000, 2)
+    x = np.asarray(sample.x)
+    stored = [1, 2, 3, 101, 102, 103, 104]
+    assert set(np.unique(x)) == set(stored) and np.all(sample.valid)
+    np.testing.assert_array_equal(sample.task, x // 100)
+    counts = np.array([np.sum(x == v) for v in stored]) / 7000
+    np.testing.assert_allclose(counts, 1 / 7, atol=5 * np.sqrt(1 / 7 * 6 / 7 / 7000))
+
+
+@pytest.mark.parametrize("layout", ["per_task", "per_class"])
+def test_sampling_without_replacement_draws_distinct_stored_examples(layout):
+    memory = filled_memory() if layout == "per_task" else class_memory()
+    stored = {1, 2, 3, 101, 102} if layout == "per_task" else {1, 2, 3, 101, 102, 103, 104}
+    draw = jax.jit(episodic_sample, static_argnums=2, static_argnames="replace")
+    inclusions = np.zeros(300)
+    for seed in range(400):
+        sample = draw(memory, jax.random.key(seed), 4, jnp.int32(2), replace=False)
+        x = np.asarray(sample.x)
+        assert x.shape == (4,) and np.all(sample.valid)
+        assert len(set(x)) == 4 and set(x) <= stored  # no duplicates, past tasks only
+        np.testing.assert_array_equal(sample.task, x // 100)
+        inclusions[x] += 1
+    # Every stored example is in a draw with probability 4 / |stored|.
+    p = 4 / len(stored)
+    np.testing.assert_allclose(inclusions[sorted(stored)] / 400, p,
+                               atol=5 * np.sqrt(p * (1 - p) / 400))
+
+
+def test_sampling_without_replacement_takes_the_whole_memory_when_smaller():
+    memory = class_memory()
+    draw = jax.jit(episodic_sample, static_argnums=2, static_argnames="replace")
+    sample = draw(memory, jax.random.key(3), 10, jnp.int32(1), replace=False)
+    # Task 0 holds 3 examples, fewer than the 10 asked: all three, then placeholders; the
+    # memory has 12 slots, so 10 rows come back.
+    assert sample.x.shape == (10,)
+    assert sorted(np.asarray(sample.x)[np.asarray(sample.valid)]) == [1, 2, 3]
+    assert int(np.sum(sample.valid)) == 3
+    placeholders = ~np.asarray(sample.valid)
+    assert np.all(np.asarray(sample.x)[placeholders] == 0)
+    assert np.all(np.asarray(sample.task)[placeholders] == 0)
+    # More rows than slots: the whole memory's 12 slots, 8 of them stored for up_to_task=3.
+    whole = draw(memory, jax.random.key(4), 50, jnp.int32(3), replace=False)
+    assert whole.x.shape == (12,) and int(np.sum(whole.valid)) == 8
+    assert not np.any(draw(memory, jax.random.key(5), 4, jnp.int32(0), replace=False).valid)

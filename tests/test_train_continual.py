@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from fixtures_omniglot import closed_port_url
@@ -79,6 +80,49 @@ def test_lamaml_presets_follow_the_authors_scripts():
     assert get_continual_preset("many-mnist-er").memory == 500
     agem = get_continual_preset("agem-pmnist-agem")
     assert (agem.lr, agem.hidden, agem.memory_per_task, agem.ref_batch) == (0.1, 256, 250, 256)
+    # fc_permute_mnist.py: 25 per class of each task's 250, reference batch without replacement
+    assert (agem.memory_layout, agem.ref_sampling) == ("per_class", "without_replacement")
+    learner = build_continual_learner(agem, tiny_stream(), build_continual_model(
+        agem, tiny_stream())[1])
+    example = (np.zeros(784, np.float32), np.int32(0))
+    state = learner.init(build_continual_model(agem, tiny_stream())[0](jax.random.PRNGKey(0)),
+                         jax.random.PRNGKey(1), example, 4)
+    assert state.memory.count.shape == (4, 10) and state.memory.y.shape == (4, 250)
+
+
+def test_mer_presets_follow_the_authors_mer_examples():
+    # mer_examples.sh, MER (Algorithm 1) at the same memory sizes: ROT 200, PERM 200, MANY 500.
+    expected = {
+        "rot": (200, 0.1, 0.01, 1.0, 10, 5),
+        "perm": (200, 0.03, 0.03, 1.0, 10, 10),
+        "many": (500, 0.03, 0.03, 1.0, 5, 10),
+    }
+    for short, values in expected.items():
+        c = get_continual_preset(f"{short}-mnist-mer")
+        assert (c.memory, c.lr, c.beta, c.gamma, c.replay_batch, c.batches_per_example) == \
+            values, short
+        note = CONTINUAL_PRESETS[f"{short}-mnist-mer"][1]
+        assert f"s={values[5]}" in note and f"beta {values[2]:g}" in note
+        assert "mer_examples.sh" in note
+    omniglot = get_continual_preset("split-omniglot-mer")
+    assert (omniglot.lr, omniglot.beta, omniglot.batches_per_example) == (0.1, 0.01, 5)
+
+
+def test_gem_presets_take_the_reference_ridge():
+    for name, (config, note) in CONTINUAL_PRESETS.items():
+        if config.learner == "gem":
+            assert config.ridge == 1e-3 and "ridge 0.001" in note, name
+
+
+def test_per_class_agem_memory_must_split_over_the_classes():
+    config = get_continual_preset("many-mnist-agem").with_overrides(["memory_layout=per_class"])
+    stream = tiny_stream(num_tasks=100)  # 500 // 100 = 5 slots per task, 10 classes
+    with pytest.raises(ConfigError, match="multiple of the stream's 10 classes"):
+        build_continual_learner(config, stream, build_continual_model(config, stream)[1])
+    with pytest.raises(ConfigError, match="memory_layout must be one of"):
+        config.with_overrides(["memory_layout=ring"]).validate()
+    with pytest.raises(ConfigError, match="ref_sampling must be one of"):
+        config.with_overrides(["ref_sampling=some"]).validate()
 
 
 def test_unknown_preset_and_bad_fields():

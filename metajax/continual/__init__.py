@@ -12,7 +12,8 @@ Projections keep an update from raising the loss on past tasks (A-GEM, GEM)::
     g = mj.continual.project_gem(g, G)          # G: past-task gradients, [t, ...] per leaf
 
 and :func:`metrics` turns the accuracy matrix ``R [T, T]`` into ACC/RA, BWT/BTI,
-forgetting, FWT and LCA. :func:`run` trains a learner on a :class:`metajax.types.Stream`.
+forgetting, FWT and LCA (:func:`metrics_over_seeds` for several runs). :func:`run` trains a
+learner on a :class:`metajax.types.Stream`.
 
 This package holds the algorithms only: the streams are in :mod:`metajax.data.streams`, the
 published protocols in :mod:`metajax.presets.protocols`, configurations and their builders in
@@ -48,7 +49,7 @@ from metajax.continual.memory import (
     reservoir_init,
 )
 from metajax.continual.mer import MERState, mer
-from metajax.continual.metrics import metrics
+from metajax.continual.metrics import metrics, metrics_over_seeds
 from metajax.continual.projections import nnls, project_agem, project_gem
 from metajax.continual.run import NonFiniteTask, run
 
@@ -82,6 +83,7 @@ __all__ = [
     "episodic_sample",
     "episodic_valid",
     "metrics",
+    "metrics_over_seeds",
     "nnls",
     "project_agem",
     "project_gem",

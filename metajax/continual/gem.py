@@ -28,7 +28,7 @@ from metajax.continual.memory import (
     episodic_init,
     episodic_valid,
 )
-from metajax.continual.projections import project_gem
+from metajax.continual.projections import past_task_dots, project_gem
 from metajax.types import Batch, PyTree
 
 
@@ -53,6 +53,8 @@ def gem(
     optimizer: optax.GradientTransformation,
     memory_per_task: int,
     memory_strength: float = 0.5,
+    *,
+    ridge: float = 0.0,
 ) -> ContinualLearner:
     """GEM (Lopez-Paz and Ranzato, 2017): a step that raises no past task's memory loss.
 
@@ -67,8 +69,8 @@ def gem(
        stay zero without a gradient being taken, and empty slots get weight 0, so
        :func:`project_gem` sees no constraint from them. One compiled update serves every
        task, and it costs the gradients of the past tasks only;
-    4. ``g~ = project_gem(g, G, margin=memory_strength)``: the closest update with
-       ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
+    4. ``g~ = project_gem(g, G, margin=memory_strength, ridge=ridge)``: the closest update
+       with ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
     5. one optimiser step on ``g~`` (plain SGD in the paper).
 
     Args:
@@ -78,6 +80,11 @@ def gem(
       memory_per_task: slots per task, GEM's ``n_memories`` (256 in the paper's MNIST runs).
       memory_strength: GEM's margin, the lower bound on the dual variables in the reference
         code's ``project2cone2`` (see :func:`project_gem`; 0.5 in the paper's runs).
+      ridge: added to the diagonal of the dual's ``G G^T``. The reference code's
+        ``project2cone2`` adds ``eps=1e-3`` (``quadprog`` needs a positive definite
+        matrix); it shrinks the dual variables ``v``, so the constraints hold up to it
+        (``G g~ >= -ridge v``). The default ``0`` is the exact projection; ``1e-3``
+        reproduces the reference (the presets' choice). May be traced (swept).
 
     Returns:
       A :class:`ContinualLearner` with :class:`GEMState`; metrics ``"loss"`` (incoming batch,
@@ -87,6 +94,7 @@ def gem(
     check_optimizer(optimizer)
     check_int("memory_per_task", memory_per_task)
     check_number("memory_strength", memory_strength, positive=False)
+    check_number("ridge", ridge, positive=False)
 
     def init(params, key, example, num_tasks):
         del key
@@ -120,11 +128,8 @@ def gem(
         # their gradients are never taken (the loop runs task_id times).
         zeros = jax.tree.map(lambda p: jnp.zeros((num_tasks, *p.shape), p.dtype), state.params)
         G = jax.lax.fori_loop(0, jnp.clip(task_id, 0, num_tasks), past_grad, zeros)
-        dots = sum(
-            jnp.tensordot(Gl.reshape(num_tasks, -1), gl.reshape(-1), axes=1, precision="highest")
-            for Gl, gl in zip(jax.tree.leaves(G), jax.tree.leaves(g), strict=True)
-        )
-        projected = project_gem(g, G, margin=memory_strength)
+        dots = past_task_dots(g, G)  # the same product project_gem tests (XLA computes it once)
+        projected = project_gem(g, G, margin=memory_strength, ridge=ridge)
         updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "violated": jnp.any(dots < 0)}

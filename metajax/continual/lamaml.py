@@ -121,8 +121,15 @@ def lamaml(
 
     ``glances`` repeats steps 1-4 on the same incoming batch (the single-pass setting's
     "glances"), each time with a fresh replay draw and the batch reshuffled (as the authors'
-    code); the batch is offered to the reservoir once, after the glances, so a later glance
-    never draws the incoming batch from memory (the meta-batch holds it already).
+    code). The batch is offered to the reservoir once, during the first glance, after that
+    glance's replay draw, as the authors' code (``model/lamaml.py`` draws the meta-batch,
+    then pushes each row to memory after its inner step, on the first glance only:
+    ``lamaml_base.push_to_mem`` returns when ``pass_itr > 0``); so the later glances may
+    replay rows of the incoming batch. The rows are offered in the batch's order rather than
+    the first glance's shuffle (the same distribution of what the reservoir keeps). One
+    difference remains with several passes over a task (``epochs > 1``): the authors offer a
+    row on the first pass only (``real_epoch == 0``), here on every pass, as the learner does
+    not know the pass.
 
     Options that reproduce the authors' released scripts (``run_experiments.sh``), off by
     default because Algorithm 1 does not have them:
@@ -210,11 +217,18 @@ def lamaml(
         task_id = jnp.asarray(task_id, jnp.int32)
         incoming_task = task_vector(task_id, b)
         slice_task = task_vector(task_id, b // steps)
-        if replay_past_tasks:
-            past = tree_where(task_id != state.task, state.memory, state.past_memory)
-            source = tree_where(task_id > 0, past, state.memory)
-        else:
-            past, source = None, state.memory
+        past = (tree_where(task_id != state.task, state.memory, state.past_memory)
+                if replay_past_tasks else None)
+
+        def draw_replay(memory, key):
+            replay = buffer_sample(memory, key, replay_batch)
+            if not replay_past_tasks:
+                return replay
+            # From the second task on, the copy taken when the task began: the same draw
+            # from either buffer, and the rows of the one that applies (a select of a few
+            # rows, not of the whole memory).
+            old = buffer_sample(past, key, replay_batch)
+            return tree_where(task_id > 0, old, replay)
 
         def meta_objective(params0, alpha, slices, meta_batch, meta_task, meta_weights):
             if learn_alpha:
@@ -244,22 +258,29 @@ def lamaml(
 
         grad_fn = jax.value_and_grad(meta_objective, argnums=(0, 1), has_aux=True)
 
-        def glance(carry, key):
-            params, alpha = carry
+        key, add_key, *glance_keys = jax.random.split(state.key, glances + 2)
+
+        def glance(carry, inputs):
+            params, alpha, memory = carry
+            index, key = inputs
             order_key, sample_key = jax.random.split(key)
             order = jax.random.permutation(order_key, b)
             slices = jax.tree.map(
                 lambda leaf: leaf[order].reshape(steps, -1, *leaf.shape[1:]), batch
             )
-            replay = buffer_sample(source, sample_key, replay_batch)
+            replay = draw_replay(memory, sample_key)
             meta_batch, meta_task, meta_weights = with_replay(batch, incoming_task, replay)
             (meta, inner_loss), (g_theta, g_alpha) = grad_fn(
                 params, alpha, slices, meta_batch, meta_task, meta_weights
             )
+            # The first glance offers the batch to the reservoir, after its replay draw:
+            # later glances may draw it back, as in the authors' code.
+            memory = reservoir_add_batch(memory, add_key, *batch, task_id, after=meta,
+                                         offer=index == 0)
             g_theta = _clip(g_theta, grad_clip_norm)
             if variant == "cmaml":
                 params = jax.tree.map(lambda p, g: p - outer_lr * g, params, g_theta)
-                return (params, alpha), (meta, inner_loss)
+                return (params, alpha, memory), (meta, inner_loss)
             g_alpha = _clip(g_alpha, grad_clip_norm)
             new_alpha = jax.tree.map(lambda a, g: a - lr_eta * g, alpha, g_alpha)
             if variant == "lamaml":
@@ -267,13 +288,12 @@ def lamaml(
                 params = jax.tree.map(lambda p, g, r: p - r * g, params, g_theta, rates)
             else:
                 params = jax.tree.map(lambda p, g: p - outer_lr * g, params, g_theta)
-            return (params, new_alpha), (meta, inner_loss)
+            return (params, new_alpha, memory), (meta, inner_loss)
 
-        key, add_key, *glance_keys = jax.random.split(state.key, glances + 2)
-        (params, alpha), (metas, inner_losses) = jax.lax.scan(
-            glance, (state.params, state.alpha), jnp.stack(glance_keys)
+        indices = jnp.arange(glances, dtype=jnp.int32)
+        (params, alpha, memory), (metas, inner_losses) = jax.lax.scan(
+            glance, (state.params, state.alpha, state.memory), (indices, jnp.stack(glance_keys))
         )
-        memory = reservoir_add_batch(state.memory, add_key, *batch, task_id, after=metas)
         leaves = [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(alpha)]
         entries = sum(leaf.size for leaf in leaves)
         metrics = {

@@ -10,14 +10,16 @@ arrays; each leaf gains a leading memory axis.
   each of them is stored with probability ``min(1, capacity / n)``; the memory of experience
   replay in Chaudhry et al., 2019, "On Tiny Episodic Memories in Continual Learning" and of
   MER / La-MAML.
-- :class:`EpisodicMemory`: ``per_task`` slots for each task, written as a ring, so each task
-  keeps its most recent examples; the memory of GEM (Lopez-Paz and Ranzato, 2017, "Gradient
-  Episodic Memory for Continual Learning") and A-GEM (Chaudhry et al., 2019, "Efficient
-  Lifelong Learning with A-GEM").
+- :class:`EpisodicMemory`: ``per_task`` slots for each task, written as rings, so each task
+  keeps its most recent examples: one ring per task, the memory of GEM (Lopez-Paz and
+  Ranzato, 2017, "Gradient Episodic Memory for Continual Learning"), or one ring per class
+  within each task, the memory of A-GEM's reference code (Chaudhry et al., 2019, "Efficient
+  Lifelong Learning with A-GEM"), which keeps as many examples of every class.
 
-Sampling draws with replacement and has a fixed output shape; a ``valid [batch]`` mask says
-which drawn rows are real examples (all ``False`` while nothing eligible is stored), so a
-caller weights the replay loss by the mask instead of branching in Python.
+Sampling has a fixed output shape and draws with replacement, or (episodic memories)
+without; a ``valid [batch]`` mask says which drawn rows are real examples (all ``False``
+while nothing eligible is stored), so a caller weights the replay loss by the mask instead
+of branching in Python.
 """
 
 from __future__ import annotations
@@ -53,13 +55,24 @@ class ReservoirBuffer(NamedTuple):
 
 
 class EpisodicMemory(NamedTuple):
-    """A per-task ring-buffer memory (GEM, A-GEM).
+    """A per-task ring-buffer memory (GEM, A-GEM), in one of two layouts.
+
+    The shape of ``count`` tells them apart:
+
+    - one ring per task, ``count [num_tasks]``: task ``k`` holds ``min(count[k], per_task)``
+      examples in slots ``0 .. that - 1`` (GEM's reference code; La-MAML's A-GEM);
+    - one ring per class, ``count [num_tasks, num_classes]``: the ``per_task`` slots of a task
+      are ``num_classes`` rings of ``per_class = per_task // num_classes`` slots, class ``c``
+      in slots ``c * per_class .. (c + 1) * per_class - 1``, so a task keeps the last
+      ``per_class`` examples of every class (A-GEM's reference code, ``fc_permute_mnist.py``:
+      25 per class). Class ``c`` of task ``k`` holds ``min(count[k, c], per_class)``
+      examples in the first slots of its ring.
 
     Attributes:
       x: stored inputs, each leaf ``[num_tasks, per_task, *example_shape]``.
       y: stored targets, each leaf ``[num_tasks, per_task, *target_shape]``.
-      count: ``[num_tasks]`` int32, how many examples were ever written for each task; task
-        ``k`` holds ``min(count[k], per_task)`` examples in slots ``0 .. that - 1``.
+      count: ``[num_tasks]`` or ``[num_tasks, num_classes]`` int32, how many examples were
+        ever written for each task (each class of each task).
     """
 
     x: PyTree
@@ -68,7 +81,8 @@ class EpisodicMemory(NamedTuple):
 
 
 class ReplaySample(NamedTuple):
-    """A batch drawn from a memory.
+    """A batch drawn from a memory (``batch`` rows: the requested size, or a whole smaller
+    memory drawn without replacement).
 
     Attributes:
       x: inputs, each leaf ``[batch, *example_shape]``.
@@ -211,11 +225,13 @@ def reservoir_add(
 
 def reservoir_add_batch(
     buffer: ReservoirBuffer, key: jax.Array, xs: PyTree, ys: PyTree, task_id, *,
-    after: PyTree | None = None,
+    after: PyTree | None = None, offer: jax.Array | bool | None = None,
 ) -> ReservoirBuffer:
     """Offer a batch of stream examples: the same result, draw for draw, as offering them
     one after the other with :func:`reservoir_add` and ``jax.random.split(key, batch)``,
     computed as one scatter (an example overwritten by a later one of the batch is dropped).
+    With ``offer``, only the rows it marks are offered (row ``i`` still uses the ``i``-th
+    key); the others are neither stored nor counted.
 
     Args:
       buffer: the current :class:`ReservoirBuffer`.
@@ -226,9 +242,12 @@ def reservoir_add_batch(
       after: optional values read from this memory earlier in the same step (a replay
         sample, gradients on it): the write is made to follow them, so that inside a jitted
         ``lax.scan`` XLA updates the memory in place instead of copying all of it per step.
+      offer: optional bool, a scalar or ``[batch]`` (may be traced): which rows are offered.
+        A traced ``False`` makes the call a no-op of fixed shape, for a write that happens
+        in some iterations of a loop only.
 
     Returns:
-      The new buffer; ``seen`` grows by ``batch``.
+      The new buffer; ``seen`` grows by the number of offered rows (``batch`` by default).
     """
     _check_like("xs", buffer.x, xs, 1, batched=True)
     _check_like("ys", buffer.y, ys, 1, batched=True)
@@ -245,20 +264,25 @@ def reservoir_add_batch(
         )
     task_ids = jnp.broadcast_to(task_ids, (batch,))
     capacity = buffer.task.shape[0]
+    if offer is None:
+        offer = jnp.ones((batch,), bool)
+    offer = jnp.broadcast_to(jnp.asarray(offer, bool), (batch,))
     # All slots at once, with the draws the sequential adds would make: example i is offered
-    # after n_i = seen + i others and draws j_i ~ U{0..n_i} from its own split key.
-    offered = buffer.seen + jnp.arange(batch, dtype=jnp.int32)
+    # after n_i = seen + (offered rows before i) others and draws j_i ~ U{0..n_i} from its
+    # own split key.
+    before = jnp.cumsum(offer.astype(jnp.int32)) - offer.astype(jnp.int32)
+    offered = buffer.seen + before
     draws = jax.vmap(lambda k, n: jax.random.randint(k, (), 0, n + 1, dtype=jnp.int32))(
         jax.random.split(key, batch), offered
     )
-    slots = jnp.where(offered < capacity, offered, draws)
+    slots = jnp.where(offer, jnp.where(offered < capacity, offered, draws), capacity)
     # In a row of adds a later example landing on the same slot overwrites an earlier one;
     # drop the earlier writes so the scatter has no duplicate slots and no order to depend on.
     order = jnp.arange(batch)
     overwritten = jnp.any((slots[:, None] == slots[None, :]) & (order[None, :] > order[:, None]),
                           axis=1)
     slots = _after(jnp.where(overwritten, capacity, slots), after)
-    seen = buffer.seen + batch
+    seen = buffer.seen + jnp.sum(offer.astype(jnp.int32))
     return ReservoirBuffer(
         x=_write(buffer.x, slots, xs),
         y=_write(buffer.y, slots, ys),
@@ -293,8 +317,17 @@ def buffer_sample(buffer: ReservoirBuffer, key: jax.Array, batch_size: int) -> R
     )
 
 
+def _per_class(memory: EpisodicMemory) -> int | None:
+    """Slots per class ring of a per-class memory; ``None`` for a per-task one."""
+    if memory.count.ndim == 1:
+        return None
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    return per_task // memory.count.shape[1]
+
+
 def episodic_init(
-    num_tasks: int, per_task: int, example_x: PyTree, example_y: PyTree
+    num_tasks: int, per_task: int, example_x: PyTree, example_y: PyTree, *,
+    num_classes: int | None = None,
 ) -> EpisodicMemory:
     """An empty episodic memory of ``per_task`` slots for each of ``num_tasks`` tasks.
 
@@ -303,17 +336,62 @@ def episodic_init(
       per_task: slots per task (Python int >= 1), GEM's ``n_memories``.
       example_x: one input, as in :func:`reservoir_init`.
       example_y: one target, likewise.
+      num_classes: with it, the per-class layout (see :class:`EpisodicMemory`): each task's
+        slots are ``num_classes`` rings of ``per_task // num_classes``, and :func:`episodic_add`
+        files each example by its label. ``per_task`` must then be a multiple of it and the
+        targets integer class labels (``example_y`` a scalar). Without it, one ring per task.
 
     Returns:
       An :class:`EpisodicMemory` of zeros with every ``count`` 0.
     """
     check_int("num_tasks", num_tasks)
     check_int("per_task", per_task)
+    count_shape: tuple[int, ...] = (num_tasks,)
+    if num_classes is not None:
+        check_int("num_classes", num_classes)
+        if per_task % num_classes:
+            raise ValueError(
+                f"per_task={per_task} must be a multiple of num_classes={num_classes}: the "
+                f"per-class layout gives every class a ring of per_task // num_classes slots "
+                f"(e.g. per_task={num_classes * max(per_task // num_classes, 1)})"
+            )
+        label = jax.tree.leaves(example_y)
+        if (len(label) != 1 or jnp.ndim(label[0]) != 0
+                or not jnp.issubdtype(jnp.result_type(label[0]), jnp.integer)):
+            raise ValueError(
+                "num_classes (the per-class layout) needs integer class labels as targets: "
+                f"example_y must be one integer scalar, got {example_y!r}"
+            )
+        count_shape = (num_tasks, num_classes)
     return EpisodicMemory(
         x=_stacked_zeros((num_tasks, per_task), example_x),
         y=_stacked_zeros((num_tasks, per_task), example_y),
-        count=jnp.zeros((num_tasks,), jnp.int32),
+        count=jnp.zeros(count_shape, jnp.int32),
     )
+
+
+def _class_slots(memory: EpisodicMemory, labels: jax.Array, task: jax.Array, per_class: int):
+    """Per-class layout: the slot of each row of a batch in task ``task``'s ring of its
+    label, ``per_task`` (written nowhere) for rows not kept, and the per-class counts added.
+
+    Rows of one label take consecutive ring positions in batch order, so, as with one row
+    at a time, a label offered more than ``per_class`` times keeps its last ``per_class``;
+    the earlier rows are not written (their slots would collide). A label outside
+    ``[0, num_classes)`` is not stored.
+    """
+    num_tasks, num_classes = memory.count.shape
+    labels = labels.astype(jnp.int32)
+    onehot = (labels[:, None] == jnp.arange(num_classes, dtype=jnp.int32)).astype(jnp.int32)
+    # Rows of the same label earlier in the batch, and later in it.
+    before = jnp.sum((jnp.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+    added = jnp.sum(onehot, axis=0)  # [num_classes]
+    later = added[jnp.clip(labels, 0, num_classes - 1)] - before - 1
+    known = (labels >= 0) & (labels < num_classes)
+    cls = jnp.clip(labels, 0, num_classes - 1)
+    start = memory.count[jnp.clip(task, 0, num_tasks - 1), cls]
+    slots = cls * per_class + (start + before) % per_class
+    keep = known & (later < per_class)
+    return jnp.where(keep, slots, num_classes * per_class), added
 
 
 def episodic_add(
@@ -321,16 +399,23 @@ def episodic_add(
 ) -> EpisodicMemory:
     """Ring-write a batch into the slots of task ``task_id``.
 
-    Example ``i`` of the batch goes to slot ``(count[task_id] + i) % per_task``, so each task
-    keeps its ``per_task`` most recent examples and the oldest are overwritten first. GEM's
-    reference code also writes its memory as a ring, but cuts a batch at the end of the
-    buffer and drops the remainder; here the write wraps around instead. A batch longer than
-    ``per_task`` leaves its last ``per_task`` examples.
+    One ring per task: example ``i`` of the batch goes to slot ``(count[task_id] + i) %
+    per_task``, so each task keeps its ``per_task`` most recent examples and the oldest are
+    overwritten first. GEM's reference code also writes its memory as a ring, but cuts a
+    batch at the end of the buffer and drops the remainder; here the write wraps around
+    instead. A batch longer than ``per_task`` leaves its last ``per_task`` examples.
+
+    One ring per class (a memory made with ``num_classes``): each example goes to the next
+    slot of its label's ring in task ``task_id``, in batch order, so every class keeps its
+    ``per_class`` most recent examples, as A-GEM's reference code writes its memory (one
+    example after the other, after the update). A label outside ``[0, num_classes)`` is
+    not stored.
 
     Args:
       memory: the current :class:`EpisodicMemory`.
       x: inputs, each leaf ``[batch, *example_shape]``.
-      y: targets, each leaf ``[batch, *target_shape]``.
+      y: targets, each leaf ``[batch, *target_shape]`` (per-class layout: integer labels
+        ``[batch]``).
       task_id: int scalar in ``[0, num_tasks)``. A Python int out of range raises; a traced
         one out of range writes nothing.
       after: optional values read from this memory earlier in the same step (a replay
@@ -338,7 +423,8 @@ def episodic_add(
         ``lax.scan`` XLA updates the memory in place instead of copying all of it per step.
 
     Returns:
-      The new memory; ``count[task_id]`` grows by ``batch``.
+      The new memory; ``count[task_id]`` grows by ``batch`` (per class: each class's count
+      by its rows in the batch).
     """
     _check_like("x", memory.x, x, 2, batched=True)
     _check_like("y", memory.y, y, 2, batched=True)
@@ -352,14 +438,24 @@ def episodic_add(
             )
     if isinstance(task_id, numbers.Integral) and not 0 <= task_id < num_tasks:
         raise ValueError(f"task_id must be in [0, {num_tasks}), got {task_id}")
+    task_id = jnp.asarray(task_id, jnp.int32)
+    in_range = (task_id >= 0) & (task_id < num_tasks)
+    row = jnp.where(in_range, task_id, num_tasks)
+    per_class = _per_class(memory)
+    if per_class is not None:
+        slots, added = _class_slots(memory, jnp.asarray(jax.tree.leaves(y)[0]), task_id,
+                                    per_class)
+        slots = _after(slots, after)
+        return EpisodicMemory(
+            x=_write(memory.x, (row, slots), x),
+            y=_write(memory.y, (row, slots), y),
+            count=memory.count.at[row].add(added, mode="drop"),
+        )
     skipped = max(batch - per_task, 0)
     if skipped:
         # Only the last per_task examples survive; writing the rest would collide with them.
         x = jax.tree.map(lambda leaf: leaf[skipped:], x)
         y = jax.tree.map(lambda leaf: leaf[skipped:], y)
-    task_id = jnp.asarray(task_id, jnp.int32)
-    in_range = (task_id >= 0) & (task_id < num_tasks)
-    row = jnp.where(in_range, task_id, num_tasks)
     start = memory.count[jnp.clip(task_id, 0, num_tasks - 1)] + skipped
     slots = _after((start + jnp.arange(batch - skipped, dtype=jnp.int32)) % per_task, after)
     return EpisodicMemory(
@@ -369,50 +465,102 @@ def episodic_add(
     )
 
 
+def _segments(memory: EpisodicMemory) -> tuple[jax.Array, int]:
+    """The rings of a memory: how many examples each holds, ``[num_tasks, rings]`` (one ring
+    per task or one per class of each task), and the slots of one ring."""
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    per_class = _per_class(memory)
+    if per_class is None:
+        return jnp.minimum(memory.count, per_task)[:, None], per_task
+    return jnp.minimum(memory.count, per_class), per_class
+
+
 def episodic_valid(memory: EpisodicMemory) -> jax.Array:
     """``[num_tasks, per_task]`` bool: which slots hold a stored example."""
+    filled, ring = _segments(memory)
     per_task = jax.tree.leaves(memory.x)[0].shape[1]
-    filled = jnp.minimum(memory.count, per_task)
-    return jnp.arange(per_task)[None, :] < filled[:, None]
+    slot = jnp.arange(per_task)
+    return (slot % ring)[None, :] < filled[:, slot // ring]
 
 
 def episodic_sample(
-    memory: EpisodicMemory, key: jax.Array, batch_size: int, up_to_task
+    memory: EpisodicMemory, key: jax.Array, batch_size: int, up_to_task, *,
+    replace: bool = True,
 ) -> ReplaySample:
-    """Draw ``batch_size`` examples uniformly from the stored examples of tasks ``< up_to_task``.
+    """Draw examples uniformly from the stored examples of tasks ``< up_to_task``.
 
     Every stored example of tasks ``0 .. up_to_task - 1`` is equally likely (so a task weighs
-    in proportion to how many examples it holds), drawn with replacement, as A-GEM's
-    reference batch is drawn from the memory of all past tasks. While none of those tasks
-    holds anything, every row is a placeholder and ``valid`` is all ``False``.
+    in proportion to how many examples it holds). While none of those tasks holds anything,
+    every row is a placeholder and ``valid`` is all ``False``.
+
+    - ``replace=True``: ``batch_size`` independent draws.
+    - ``replace=False``: ``batch_size`` distinct stored examples, every subset of that size
+      equally likely, or every stored one when at most ``batch_size`` are: A-GEM's reference
+      batch (``fc_permute_mnist.py`` takes the whole memory of the past tasks while it holds
+      at most 256 examples, else ``np.random.choice(..., replace=False)``). Each slot gets a
+      uniform random score and the ``batch_size`` highest-scoring stored slots are taken
+      (``lax.top_k``), so the shape stays fixed; rows past the stored examples are
+      placeholders. The output has ``min(batch_size, num_tasks * per_task)`` rows: a
+      memory with fewer slots than that can be drawn whole.
 
     Args:
-      memory: an :class:`EpisodicMemory`.
+      memory: an :class:`EpisodicMemory` (either layout).
       key: a PRNG key.
       batch_size: number of draws (Python int >= 1).
       up_to_task: int scalar (may be traced), the first task *not* sampled from; the current
         task's id gives replay of the past tasks only.
+      replace: draw with replacement (default) or without.
 
     Returns:
-      A :class:`ReplaySample` with ``x``, ``y`` leaves ``[batch_size, ...]``, ``task`` and
-      ``valid`` ``[batch_size]``.
+      A :class:`ReplaySample` with ``x``, ``y`` leaves ``[rows, ...]``, ``task`` and
+      ``valid`` ``[rows]``; placeholder rows are zeros of task 0.
     """
     check_int("batch_size", batch_size)
     num_tasks = memory.count.shape[0]
     if isinstance(up_to_task, numbers.Integral) and not 0 <= up_to_task <= num_tasks:
         raise ValueError(f"up_to_task must be in [0, {num_tasks}], got {up_to_task}")
-    per_task = jax.tree.leaves(memory.x)[0].shape[1]
     eligible = jnp.arange(num_tasks) < up_to_task
-    filled = jnp.where(eligible, jnp.minimum(memory.count, per_task), 0)
+    if not replace:
+        return _sample_distinct(memory, key, batch_size, eligible)
+    filled, ring = _segments(memory)
+    rings = filled.shape[1]
+    filled = jnp.where(eligible[:, None], filled, 0).reshape(-1)
     ends = jnp.cumsum(filled)
     total = ends[-1]
     flat = jax.random.randint(key, (batch_size,), 0, jnp.maximum(total, 1))
-    # Draw k lies in task i when ends[i - 1] <= k < ends[i]; empty tasks own no draw.
-    task = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), num_tasks - 1)
-    slot = flat - (ends[task] - filled[task])
+    # Draw k lies in ring i when ends[i - 1] <= k < ends[i]; empty rings own no draw.
+    segment = jnp.minimum(jnp.searchsorted(ends, flat, side="right"), filled.shape[0] - 1)
+    task, ring_id = segment // rings, segment % rings
+    slot = ring_id * ring + flat - (ends[segment] - filled[segment])
     return ReplaySample(
         x=_gather(memory.x, (task, slot)),
         y=_gather(memory.y, (task, slot)),
         task=task.astype(jnp.int32),
         valid=jnp.broadcast_to(total > 0, (batch_size,)),
+    )
+
+
+def _sample_distinct(
+    memory: EpisodicMemory, key: jax.Array, batch_size: int, eligible: jax.Array
+) -> ReplaySample:
+    """:func:`episodic_sample` without replacement (see there)."""
+    per_task = jax.tree.leaves(memory.x)[0].shape[1]
+    stored = (episodic_valid(memory) & eligible[:, None]).reshape(-1)
+    rows = min(batch_size, stored.shape[0])
+    # i.i.d. scores make the top ``rows`` a uniformly random subset of the stored slots;
+    # slots that hold nothing score -1 and come last.
+    scores = jnp.where(stored, jax.random.uniform(key, stored.shape), -1.0)
+    top, index = jax.lax.top_k(scores, rows)
+    valid = top >= 0
+    task = jnp.where(valid, index // per_task, 0).astype(jnp.int32)
+    slot = jnp.where(valid, index % per_task, 0)
+
+    def real(leaf):
+        return jnp.where(valid.reshape(-1, *([1] * (leaf.ndim - 1))), leaf, 0).astype(leaf.dtype)
+
+    return ReplaySample(
+        x=jax.tree.map(real, _gather(memory.x, (task, slot))),
+        y=jax.tree.map(real, _gather(memory.y, (task, slot))),
+        task=task,
+        valid=valid,
     )

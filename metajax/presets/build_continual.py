@@ -3,7 +3,8 @@
 Each family is a registry, a ``name -> builder`` dict, so that adding an algorithm, a model or
 a benchmark is one entry here (and a preset note in :mod:`metajax.presets.continual`):
 
-- :data:`LEARNERS`: ``name -> builder(config, loss, per_task) -> ContinualLearner``;
+- :data:`LEARNERS`: ``name -> builder(config, loss, per_task, num_classes) ->
+  ContinualLearner``;
 - :data:`MODELS`: ``name -> builder(config, stream) -> (init, apply)``;
 - the benchmarks: the published protocols of :data:`metajax.presets.protocols.PROTOCOLS`
   plus :data:`EXTRA_BENCHMARKS` (streams with no published protocol).
@@ -42,7 +43,7 @@ from metajax.types import Stream
 if TYPE_CHECKING:
     from metajax.presets.continual import ContinualConfig
 
-LearnerBuilder = Callable[["ContinualConfig", ExampleLossFn, int], ContinualLearner]
+LearnerBuilder = Callable[["ContinualConfig", ExampleLossFn, int, int], ContinualLearner]
 ModelBuilder = Callable[
     ["ContinualConfig", Stream],
     tuple[Callable[[jax.Array], Any], Callable[[Any, jax.Array], jax.Array]],
@@ -50,8 +51,9 @@ ModelBuilder = Callable[
 
 
 def _lamaml_family(variant: str) -> LearnerBuilder:
-    def build(c: ContinualConfig, loss: ExampleLossFn, per_task: int) -> ContinualLearner:
-        del per_task
+    def build(c: ContinualConfig, loss: ExampleLossFn, per_task: int,
+              num_classes: int) -> ContinualLearner:
+        del per_task, num_classes
         return lamaml(
             loss,
             alpha_init=c.alpha_init,
@@ -72,17 +74,19 @@ def _lamaml_family(variant: str) -> LearnerBuilder:
 
 
 LEARNERS: dict[str, LearnerBuilder] = {
-    "finetune": lambda c, loss, per_task: finetune(loss, optax.sgd(c.lr)),
-    "er": lambda c, loss, per_task: er(
+    "finetune": lambda c, loss, per_task, classes: finetune(loss, optax.sgd(c.lr)),
+    "er": lambda c, loss, per_task, classes: er(
         loss, optax.sgd(c.lr), memory_size=c.memory, replay_batch=c.replay_batch
     ),
-    "agem": lambda c, loss, per_task: agem(
-        loss, optax.sgd(c.lr), memory_per_task=per_task, ref_batch=c.ref_batch
+    "agem": lambda c, loss, per_task, classes: agem(
+        loss, optax.sgd(c.lr), memory_per_task=per_task, ref_batch=c.ref_batch,
+        num_classes=classes, memory=c.memory_layout, ref_sampling=c.ref_sampling,
     ),
-    "gem": lambda c, loss, per_task: gem(
-        loss, optax.sgd(c.lr), memory_per_task=per_task, memory_strength=c.memory_strength
+    "gem": lambda c, loss, per_task, classes: gem(
+        loss, optax.sgd(c.lr), memory_per_task=per_task, memory_strength=c.memory_strength,
+        ridge=c.ridge,
     ),
-    "mer": lambda c, loss, per_task: mer(
+    "mer": lambda c, loss, per_task, classes: mer(
         loss, lr=c.lr, beta=c.beta, gamma=c.gamma, batches_per_example=c.batches_per_example,
         memory_size=c.memory, replay_batch=c.replay_batch,
     ),
@@ -90,7 +94,8 @@ LEARNERS: dict[str, LearnerBuilder] = {
     "sync": _lamaml_family("sync"),
     "lamaml": _lamaml_family("lamaml"),
 }
-"""Continual learners by name: ``builder(config, loss, memory_per_task) -> learner``."""
+"""Continual learners by name: ``builder(config, loss, memory_per_task, num_classes) ->
+learner`` (``num_classes``: the stream's, for A-GEM's per-class memory)."""
 
 
 def _mlp(c: ContinualConfig, stream: Stream):
@@ -183,10 +188,18 @@ def build_continual_learner(
     """The :class:`ContinualLearner` of ``config.learner`` (the :data:`LEARNERS` entry) with
     its hyper-parameters, on the softmax cross-entropy of ``apply_fn`` (task-aware when the
     stream has class masks). A-GEM and GEM split ``memory`` evenly over the tasks unless
-    ``memory_per_task`` is set."""
+    ``memory_per_task`` is set; A-GEM's ``memory_layout=per_class`` splits a task's share
+    over the stream's classes, so it must be a multiple of them."""
     loss = cross_entropy_loss(apply_fn, stream.class_mask)
     per_task = config.memory_per_task or max(1, config.memory // stream.num_tasks)
-    return LEARNERS[config.learner](config, loss, per_task)
+    classes = stream.num_classes
+    if config.learner == "agem" and config.memory_layout == "per_class" and per_task % classes:
+        raise ConfigError(
+            f"memory_layout=per_class keeps a ring per class: the {per_task} memory slots per "
+            f"task must be a multiple of the stream's {classes} classes; set memory_per_task "
+            f"(e.g. {classes * max(1, per_task // classes)}) or memory_layout=per_task"
+        )
+    return LEARNERS[config.learner](config, loss, per_task, classes)
 
 
 def run_experiment(

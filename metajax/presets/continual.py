@@ -9,16 +9,28 @@ Three families:
   ``run_experiments.sh``. The authors' MNIST code also computes the meta-loss after every
   inner step (``multi_step_loss``), first order, with both meta-gradients clipped to norm 2
   (their default ``grad_clip_norm``) and inner steps taken with ``max(alpha, 0)``
-  (``clip_inner_rates``). Their ``--use_old_task_memory`` switch does not take
-  effect in that code (the "old" memory is the same list object as the current one), so it
-  is off here. The baselines' rates are our choice (SGD 0.03, MER beta 0.03, gamma 1, s=5)
-  and all memory-based learners get the same total memory as La-MAML (200, or 500 for
-  "many"): A-GEM and GEM split it evenly over the tasks.
+  (``clip_inner_rates``), and it writes the incoming batch to memory during the first
+  glance, as :func:`metajax.continual.lamaml` does. Their ``--use_old_task_memory`` switch
+  does not take effect in that code (the "old" memory is the same list object as the
+  current one), so it is off here. MER takes the settings of its authors'
+  ``mer_examples.sh`` (Riemer et al. 2019) for the same benchmark and memory size:
+  rotations (200) lr 0.1, beta 0.01, s=5, 10 memories per batch; permutations (200) lr
+  0.03, beta 0.03, s=10, 10 memories; many permutations (500) lr 0.03, beta 0.03, s=10, 5
+  memories; gamma 1 everywhere (that script streams one example at a time; MER here
+  processes a batch's rows one by one, as its code does). The other baselines' SGD rate
+  0.03 is our choice. All memory-based learners get the same total memory as La-MAML (200,
+  or 500 for "many"): A-GEM and GEM split it evenly over the tasks, A-GEM as one ring per
+  task (La-MAML's A-GEM baseline, ``model/agem.py``, keeps a per-task ring; 5 slots per
+  task in "many" could not hold a class-balanced memory of 10 classes) with its reference
+  batch drawn without replacement (the whole memory of the past tasks while it holds at
+  most 256), GEM with the reference code's ridge of 1e-3 on its dual.
 - ``agem-pmnist-LEARNER``: A-GEM's Permuted MNIST (Chaudhry et al. 2019): 20 tasks of all
   55,000 training images, the first 3 held out for hyper-parameter search (17 run), MLP
   784-256-256-10, one epoch, batch 10, SGD 0.1 for A-GEM (0.03 for fine-tuning, the rates of
-  the authors' ``replicate_results_iclr19.sh``), A-GEM memory of 250 examples per task and
-  a reference batch of 256; LCA over the first 10 mini-batches.
+  the authors' ``replicate_results_iclr19.sh``), A-GEM memory of 250 examples per task kept
+  as 25 per class (``fc_permute_mnist.py``'s per-class rings) and a reference batch of 256
+  drawn without replacement (the whole memory while it holds at most 256); LCA over the
+  first 10 mini-batches.
 - ``split-omniglot-LEARNER``: one task per Omniglot alphabet (50 tasks, 14 characters each,
   15 training and 5 test drawings per character), 10 passes per task (one pass of 21 batches
   leaves every learner near chance), task-aware heads, MLP 784-100-100 on the 28x28 images;
@@ -33,12 +45,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from metajax.continual.agem import MEMORIES, REF_SAMPLINGS
 from metajax.presets.build_continual import BENCHMARKS, LEARNERS, MODELS
 from metajax.presets.protocols import PROTOCOLS
 from metajax.train.config import ConfigError, FlatConfig
 
-SWEEPABLE: tuple[str, ...] = ("lr", "memory_strength", "beta", "gamma", "alpha_init", "lr_eta",
-                               "outer_lr")
+SWEEPABLE: tuple[str, ...] = ("lr", "memory_strength", "ridge", "beta", "gamma", "alpha_init",
+                               "lr_eta", "outer_lr")
 """The :class:`ContinualConfig` fields a ``sweep`` may vary: plain numbers the learners take
 as traced values (step sizes and strengths); a field the chosen learner does not read gives
 identical runs."""
@@ -65,7 +78,16 @@ class ContinualConfig(FlatConfig):
       memory_per_task: per-task episodic memory of ``agem`` and ``gem`` (0: memory // tasks).
       replay_batch: memories per update (``er``, ``mer``: ``k - 1``, La-MAML family).
       ref_batch: A-GEM's reference batch.
+      memory_layout: A-GEM's memory: ``per_task`` (one ring per task, its last examples;
+        La-MAML's A-GEM baseline) or ``per_class`` (each task's slots split into a ring per
+        class of the stream, as A-GEM's reference code; the slots per task must be a
+        multiple of the classes).
+      ref_sampling: how A-GEM draws its reference batch from the memory of past tasks:
+        ``without_replacement`` (the reference code: distinct examples, the whole memory
+        while it holds at most ``ref_batch``) or ``with_replacement``.
       memory_strength: GEM's margin.
+      ridge: added to the diagonal of GEM's dual (the reference code's ``eps`` of 1e-3;
+        0: the exact projection).
       beta: MER's within-batch Reptile rate.
       gamma: MER's across-batch Reptile rate.
       batches_per_example: MER's ``s``.
@@ -121,7 +143,10 @@ class ContinualConfig(FlatConfig):
     memory_per_task: int = 0
     replay_batch: int = 10
     ref_batch: int = 256
+    memory_layout: str = "per_task"
+    ref_sampling: str = "without_replacement"
     memory_strength: float = 0.5
+    ridge: float = 1e-3
     beta: float = 0.03
     gamma: float = 1.0
     batches_per_example: int = 5
@@ -152,14 +177,15 @@ class ContinualConfig(FlatConfig):
         self.check_types()
         self.check_bounds(
             choices={"benchmark": BENCHMARKS, "learner": tuple(LEARNERS),
-                     "model": tuple(MODELS)},
+                     "model": tuple(MODELS), "memory_layout": MEMORIES,
+                     "ref_sampling": REF_SAMPLINGS},
             positive=(
                 "hidden", "layers", "lr", "memory", "replay_batch", "ref_batch", "beta",
                 "gamma", "batches_per_example", "alpha_init", "lr_eta", "outer_lr", "glances",
                 "seeds",
             ),
             non_negative=(
-                "memory_per_task", "memory_strength", "grad_clip_norm", "tasks",
+                "memory_per_task", "memory_strength", "ridge", "grad_clip_norm", "tasks",
                 "train_per_task", "test_per_task", "batch_size", "epochs", "lca_batches", "seed",
                 "devices",
             ),
@@ -253,6 +279,22 @@ _LAMAML_SCRIPTS = {
         "lamaml": dict(alpha_init=0.1, lr_eta=0.1, glances=10),
     },
 }
+_MER_SCRIPT = {
+    # benchmark: MER (Algorithm 1, meralg1) in the authors' mer_examples.sh at this memory size
+    "rot": dict(lr=0.1, beta=0.01, gamma=1.0, replay_batch=10, batches_per_example=5),
+    "perm": dict(lr=0.03, beta=0.03, gamma=1.0, replay_batch=10, batches_per_example=10),
+    "many": dict(lr=0.03, beta=0.03, gamma=1.0, replay_batch=5, batches_per_example=10),
+}
+
+
+def _script_settings(short: str, learner: str) -> dict[str, Any]:
+    """The authors' script settings of ``learner`` on benchmark ``short`` (none for the
+    learners whose settings are ours)."""
+    if learner == "mer":
+        return dict(_MER_SCRIPT[short])
+    return dict(_LAMAML_SCRIPTS[short].get(learner, {}))
+
+
 _MNIST = {
     "rot": ("lamaml_rotated_mnist", 200, "MNIST Rotations (20 tasks x 1,000)"),
     "perm": ("lamaml_permuted_mnist", 200, "MNIST Permutations (20 tasks x 1,000)"),
@@ -261,10 +303,13 @@ _MNIST = {
 _NOTES = {
     "finetune": "plain SGD 0.03, no memory (the lower bound)",
     "er": "experience replay, reservoir of {memory}, 10 replayed per batch, SGD 0.03",
-    "agem": "A-GEM, {memory} examples split over the tasks, reference batch 256, SGD 0.03",
-    "gem": "GEM, {memory} examples split over the tasks, margin 0.5, SGD 0.03",
-    "mer": "MER, reservoir of {memory}, the example plus 10 memories per batch, s=5, lr 0.03, "
-    "beta 0.03, gamma 1",
+    "agem": "A-GEM, {memory} examples split over the tasks in one ring per task, reference "
+    "batch {ref_batch} drawn without replacement (the whole memory of past tasks while it "
+    "holds at most {ref_batch}), SGD 0.03",
+    "gem": "GEM, {memory} examples split over the tasks, margin {memory_strength:g}, ridge "
+    "{ridge:g} on the dual (the reference code's eps), SGD 0.03",
+    "mer": "MER, reservoir of {memory}, the example plus {replay_batch} memories per batch, "
+    "s={batches_per_example}, lr {lr:g}, beta {beta:g}, gamma {gamma:g}",
     "cmaml": "C-MAML, fixed inner rate {alpha_init}, weight rate {outer_lr}, {glances} glances",
     "sync": "Sync-La-MAML, rates from {alpha_init} learned at {lr_eta}, weight rate "
     "{outer_lr}, {glances} glances",
@@ -277,7 +322,7 @@ def _mnist_presets() -> dict[str, tuple[ContinualConfig, str]]:
     presets = {}
     for short, (benchmark, memory, where) in _MNIST.items():
         for learner in LEARNERS:
-            settings = dict(_LAMAML_SCRIPTS[short].get(learner, {}))
+            settings = _script_settings(short, learner)
             config = ContinualConfig(benchmark=benchmark, learner=learner, memory=memory,
                                      **settings)
             if short == "many":
@@ -285,6 +330,8 @@ def _mnist_presets() -> dict[str, tuple[ContinualConfig, str]]:
                 config = dataclasses.replace(config, test_per_task=1000)
             fields = dataclasses.asdict(config)
             note = _NOTES[learner].format(**fields)
+            if learner == "mer":
+                note += f" (the authors' mer_examples.sh, memory {memory})"
             extra = "; 1,000 test images per task" if short == "many" else ""
             presets[f"{short}-mnist-{learner}"] = (
                 config, f"La-MAML protocol, {where}, MLP 100-100: {note}{extra}."
@@ -299,9 +346,12 @@ def _agem_presets() -> dict[str, tuple[ContinualConfig, str]]:
     )
     return {
         "agem-pmnist-agem": (
-            dataclasses.replace(base, learner="agem"),
+            dataclasses.replace(base, learner="agem", memory_layout="per_class",
+                                ref_sampling="without_replacement"),
             "A-GEM protocol, Permuted MNIST (17 tasks x 55,000 after 3 held out), MLP "
-            "256-256, batch 10, one epoch: A-GEM, 250 per task, reference batch 256, SGD 0.1.",
+            "256-256, batch 10, one epoch: A-GEM, 250 per task kept as 25 per class (the "
+            "reference's per-class rings), reference batch 256 drawn without replacement "
+            "(the whole memory while it holds at most 256), SGD 0.1.",
         ),
         "agem-pmnist-finetune": (
             dataclasses.replace(base, learner="finetune", lr=0.03),
@@ -318,10 +368,15 @@ def _agem_presets() -> dict[str, tuple[ContinualConfig, str]]:
 def _omniglot_presets() -> dict[str, tuple[ContinualConfig, str]]:
     presets = {}
     for learner in LEARNERS:
-        settings = dict(_LAMAML_SCRIPTS["rot"].get(learner, {}))
+        settings = _script_settings("rot", learner)
         config = ContinualConfig(benchmark="split_omniglot", learner=learner, memory=500,
                                  epochs=10, **settings)
         note = _NOTES[learner].format(**dataclasses.asdict(config))
+        if learner == "mer":
+            note += " (rot-mnist's, from the authors' mer_examples.sh)"
+        if learner in ("cmaml", "sync", "lamaml"):
+            note += ("; a row is offered to the reservoir on every pass (the authors' code: "
+                     "on the first only)")
         presets[f"split-omniglot-{learner}"] = (
             config, f"Split Omniglot, 50 alphabets x 14 characters, 10 passes per task, "
             f"task-aware, MLP 100-100: {note}; our protocol."

@@ -268,13 +268,17 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
     save_heatmap(mean_R, run_dir / HEATMAP_FILE,
                  title=f"{labels.get('preset', 'custom')}: {labels.get('learner', '')}, "
                        f"ACC {mean_R[-1].mean():.3f}")
-    names = ("acc", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca")
+    names = ("acc", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca",
+             "bwt_over_T", "fwt_over_T")
     summary: dict[str, Any] = {
         "avg_accuracy": result["acc"],
         "forgetting": result.get("forgetting"),
         "bwt": result.get("bwt"),
         "fwt": result.get("fwt"),
         "lca": result.get("lca"),
+        # GEM's and La-MAML's convention (averaged over all T tasks), for their tables.
+        "bwt_over_T": result.get("bwt_over_T"),
+        "fwt_over_T": result.get("fwt_over_T"),
     }
     if seed_list is not None:
         summary["std"] = {
