@@ -404,3 +404,22 @@ def test_layer_norm_is_per_example_and_non_transductive():
     var = flat_x.var(axis=1)
     np.testing.assert_allclose(np.asarray(y).reshape(3, -1).var(axis=1), var / (var + 1e-3),
                                rtol=1e-4)
+
+
+def test_pooled_omniglot_conv4_is_the_mamlpp_reference_network():
+    """Stride-1 convs and 2x2 max-pooling: 28 -> 14 -> 7 -> 3 -> 1, so 64 features."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 28, 28, 1))
+    model = conv4_omniglot(5, pooled=True, norm_eps=1e-5)
+    params = model.init(jax.random.PRNGKey(1), x)
+    assert params["params"]["head"]["kernel"].shape == (64, 5)
+    assert params["params"]["conv0"]["kernel"].shape == (3, 3, 1, 64)
+    assert model.apply(params, x).shape == (3, 5)
+    strided = conv4_omniglot(5)
+    assert strided.init(jax.random.PRNGKey(1), x)["params"]["head"]["kernel"].shape == (256, 5)
+
+
+def test_norm_eps_reaches_the_normalisation():
+    x = 1e-3 * jax.random.normal(jax.random.PRNGKey(2), (4, 28, 28, 1))
+    small, large = conv4_omniglot(5, norm_eps=1e-5), conv4_omniglot(5, norm_eps=1.0)
+    params = small.init(jax.random.PRNGKey(3), x)
+    assert not np.allclose(small.apply(params, x), large.apply(params, x), atol=1e-4)

@@ -253,3 +253,68 @@ def test_imaml_bad_arguments():
         mj.imaml(quadratic_loss, 0.1, lam_damping=-1.0)
     with pytest.raises(ValueError, match="cg_damping must be >= 0"):
         mj.imaml(quadratic_loss, 0.1, cg_damping=float("nan"))
+
+
+def test_released_inner_loop_is_free_steps_then_one_step_back(x64):
+    """inner="released": inner_steps of gradient descent on the support loss alone, then
+    phi <- phi - lr * lam * (phi - theta); the meta-gradient is the implicit one of the
+    proximal problem at that phi, (I + A / lam)^-1 (phi - c) for a quadratic support loss."""
+    lam, lr, steps = 2.0, 0.03, 7
+    task = quadratic_task(jax.random.PRNGKey(11))
+    a, b = task.support
+    _, c = task.query
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    phi = theta
+    for _ in range(steps):
+        phi = phi - lr * (a @ phi - b)
+    phi = phi - lr * lam * (phi - theta)
+    learner = mj.imaml(quadratic_loss, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=6,
+                       inner="released")
+    np.testing.assert_allclose(learner.adapt({"phi": theta}, task.support)["phi"], phi,
+                               rtol=1e-12)
+    grads, metrics = learner.meta_grad({"phi": theta}, jax.tree.map(lambda x: x[None], task))
+    expected = jnp.linalg.solve(jnp.eye(6) + a / lam, phi - c)
+    np.testing.assert_allclose(grads["phi"], expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(metrics["phi_distance"], jnp.linalg.norm(phi - theta),
+                               rtol=1e-12)
+    # inner_residual measures the distance from the proximal problem's solution.
+    residual = jnp.linalg.norm(a @ phi - b + lam * (phi - theta)) / jnp.linalg.norm(a @ theta - b)
+    np.testing.assert_allclose(metrics["inner_residual"], residual, rtol=1e-6)
+
+
+def test_eval_lam_sets_the_evaluation_problem_only(x64):
+    lam, lr, steps = 2.0, 1 / 22, 600
+    task = quadratic_task(jax.random.PRNGKey(12))
+    a, b = task.support
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    kwargs = dict(inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=6)
+    same = mj.imaml(quadratic_loss, **kwargs)
+    free = mj.imaml(quadratic_loss, **kwargs, eval_lam=0.0)
+    other = mj.imaml(quadratic_loss, **kwargs, eval_lam=5.0)
+    tasks = jax.tree.map(lambda x: x[None], task)
+    # Training is unchanged.
+    for learner in (free, other):
+        np.testing.assert_allclose(learner.meta_grad({"phi": theta}, tasks)[0]["phi"],
+                                   same.meta_grad({"phi": theta}, tasks)[0]["phi"], rtol=1e-12)
+    # eval_lam=0: plain gradient descent on the support loss (here to its minimiser A^-1 b).
+    phi = theta
+    for _ in range(16):
+        phi = phi - 0.01 * (a @ phi - b)
+    short = mj.imaml(quadratic_loss, inner_lr=0.01, inner_steps=3, lam=lam, eval_lam=0.0)
+    adapted = short.adapt({"phi": theta}, task.support, inner_steps=16)["phi"]
+    np.testing.assert_allclose(adapted, phi, rtol=1e-12)
+    np.testing.assert_allclose(free.adapt({"phi": theta}, task.support)["phi"],
+                               jnp.linalg.solve(a, b), rtol=1e-6)
+    np.testing.assert_allclose(other.adapt({"phi": theta}, task.support)["phi"],
+                               closed_form(theta, task, 5.0)[0], rtol=1e-9)
+    # Differentiating the free evaluation unrolls it: d phi_16 / d theta = (I - lr A)^16.
+    jac = jax.jacobian(lambda t: short.adapt({"phi": t}, task.support, 16)["phi"])(theta)
+    np.testing.assert_allclose(jac, jnp.linalg.matrix_power(jnp.eye(6) - 0.01 * a, 16),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_inner_problem_and_eval_lam_are_checked():
+    with pytest.raises(ValueError, match="inner must be one of"):
+        mj.imaml(quadratic_loss, 0.1, inner="exact")
+    with pytest.raises(ValueError, match="eval_lam must be >= 0"):
+        mj.imaml(quadratic_loss, 0.1, eval_lam=-1.0)

@@ -120,9 +120,14 @@ def test_msl_weights_schedule():
     middle = np.asarray(mj.msl_weights(5, 5, 10))
     np.testing.assert_allclose(middle[:4], 0.2 - 5 / 50, rtol=1e-6)
     np.testing.assert_allclose(middle.sum(), 1.0, rtol=1e-6)
-    late = np.asarray(mj.msl_weights(5, 100, 10))
-    np.testing.assert_allclose(late[:4], 0.03 / 5, rtol=1e-6)
-    np.testing.assert_allclose(late[4], 1 - 4 * 0.03 / 5, rtol=1e-6)
+    # The floor binds in the last 3% of the annealing (here epochs 98 and 99 of 100).
+    floored = np.asarray(mj.msl_weights(5, 98, 100))
+    np.testing.assert_allclose(floored[:4], 0.03 / 5, rtol=1e-6)
+    np.testing.assert_allclose(floored[4], 1 - 4 * 0.03 / 5, rtol=1e-6)
+    # After the annealing epochs only the final step's loss counts (the released code).
+    for epoch in (10, 11, 100):
+        np.testing.assert_array_equal(mj.msl_weights(5, epoch, 10), [0, 0, 0, 0, 1])
+    np.testing.assert_allclose(mj.msl_weights(5, 9, 10)[:4], 0.2 - 9 / 50, rtol=1e-6)
     assert np.all(np.diff([mj.msl_weights(5, e, 10)[4] for e in range(12)]) >= 0)
 
 
@@ -251,3 +256,45 @@ def test_norm_mask_on_conv4_selects_the_four_norm_layers():
     chosen = [jax.tree_util.keystr(path) for path, m in
               jax.tree_util.tree_flatten_with_path(mask)[0] if m]
     assert len(chosen) == 8 and all("norm" in c for c in chosen)
+
+
+def test_frozen_leaves_are_meta_learned_but_never_adapted(x64):
+    """frozen=norm_mask: normalisation leaves keep their meta-values through the inner loop
+    (the reference never adapts batch-norm scale and bias) yet get a meta-gradient."""
+
+    def loss(params, batch):
+        x, y = batch
+        h = jnp.tanh(x @ params["dense"]["w"])
+        h = h * params["norm0"]["scale"] + params["norm0"]["bias"]
+        return jnp.mean((h.sum(-1) - y) ** 2)
+
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
+    params = {"dense": {"w": jax.random.normal(keys[0], (2, 3), jnp.float64)},
+              "norm0": {"scale": jnp.ones(3, jnp.float64), "bias": jnp.zeros(3, jnp.float64)}}
+    x = jax.random.normal(keys[1], (2, 6, 2), jnp.float64)
+    y = jax.random.normal(keys[2], (2, 6), jnp.float64)
+    tasks = mj.Task(support=(x[:, :3], y[:, :3]), query=(x[:, 3:], y[:, 3:]))
+    for learnable_lrs in (False, True):
+        learner = mj.mamlpp(loss, 0.1, 2, multi_step_loss=False, learnable_lrs=learnable_lrs,
+                            frozen=mj.norm_mask)
+        meta_params = learner.init(params)
+        task = jax.tree.map(lambda a: a[0], tasks)
+        fast = learner.adapt(meta_params, task.support)
+        chex.assert_trees_all_equal(fast["norm0"], params["norm0"])
+        assert not np.allclose(fast["dense"]["w"], params["dense"]["w"])
+        grads, _ = learner.meta_grad(meta_params, tasks)
+
+        # The same objective by hand: only w adapts, norm0 enters as a constant of the loop.
+        def objective(p):
+            total = 0.0
+            for t in range(2):
+                w = p["dense"]["w"]
+                for _ in range(2):
+                    w = w - 0.1 * jax.grad(lambda w_, t=t: loss({**p, "dense": {"w": w_}},
+                                                          (x[t, :3], y[t, :3])))(w)
+                total += loss({**p, "dense": {"w": w}}, (x[t, 3:], y[t, 3:]))
+            return total / 2
+
+        expected = jax.grad(objective)(params)
+        chex.assert_trees_all_close(grads.params, expected, rtol=1e-10)
+        assert np.any(np.abs(np.asarray(grads.params["norm0"]["scale"])) > 1e-6)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metajax import inner
+from metajax import inner as inner_module
 from metajax._checks import check_int, check_number
 from metajax._tree import norm
 from metajax.meta._common import (
@@ -123,6 +123,9 @@ def implicit_proximal_solver(
 
 
 INNER_SOLVERS: tuple[str, ...] = ("gd", "backtracking")
+#: The inner problems :func:`imaml` can solve: the paper's proximal problem, or the loop of
+#: the authors' released code (free steps on the support loss, then one step back to theta).
+INNER_PROBLEMS: tuple[str, ...] = ("proximal", "released")
 
 
 def backtracking_descent(
@@ -202,6 +205,8 @@ def imaml(
     lam_damping: float = 0.0,
     inner_optimizer: optax.GradientTransformation | None = None,
     inner_solver: str = "gd",
+    inner: str = "proximal",
+    eval_lam: float | None = None,
     linear_solve: LinearSolve | None = None,
     has_aux: bool = False,
     task_map: TaskMap = "auto",
@@ -235,8 +240,24 @@ def imaml(
         one gradient per step, plus one at the start). Use it when ``inner_residual``
         stays high: plain gradient descent oscillates where ``inner_lr`` exceeds
         ``2 / (lam + curvature)`` along its path.
+      inner: which inner problem training solves. ``"proximal"`` (the paper's Algorithm 2):
+        every step descends ``L_support(phi) + lam / 2 ||phi - theta||^2``. ``"released"``
+        (the authors' released Omniglot code): ``inner_steps`` steps on ``L_support`` alone,
+        then one step of ``inner_lr`` on the proximal term only,
+        ``phi <- phi - inner_lr * lam * (phi - theta)``; its meta-gradient is still the
+        implicit one of the proximal problem at the returned ``phi``. The released loop ends
+        much further from ``theta`` than the proximal solve (it is close to free
+        fine-tuning) and far from the proximal solution, so ``inner_residual`` is large by
+        construction there.
+      eval_lam: the proximal strength that ``adapt`` (evaluation) uses; ``None`` means
+        ``lam``. The released code evaluates with ``0``: plain steps on the support loss
+        (``adapt`` is then differentiated by unrolling, not implicitly).
       linear_solve: the solver of the backward system, ``linear_solve(matvec, v) -> u``
         (default: ``cg_steps`` of conjugate gradient); see :func:`implicit_proximal_solver`.
+
+    ``meta_grad``'s metrics also report ``phi_distance``, ``||phi - theta||`` (task mean):
+    how far the inner loop moved.
+
       Others (``task_map`` included) as :func:`metajax.maml`. Its meta-parameters are the
       model parameters.
     """
@@ -249,24 +270,46 @@ def imaml(
             raise ValueError(f"{name} must be >= 0, got {value!r}")
     if inner_solver not in INNER_SOLVERS:
         raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {inner_solver!r}")
+    if inner not in INNER_PROBLEMS:
+        raise ValueError(f"inner must be one of {INNER_PROBLEMS}, got {inner!r}")
     if inner_solver != "gd" and inner_optimizer is not None:
         raise ValueError("give either inner_optimizer or inner_solver='backtracking', not both")
+    if eval_lam is not None:
+        check_number("eval_lam", eval_lam, positive=False)
     objective = loss_and_aux(loss_fn, has_aux)
-    rule = inner.from_optax(inner_optimizer) if inner_optimizer else inner.sgd(inner_lr)
+    # The inner loop is never differentiated through the optimiser (the implicit gradient
+    # replaces it), so its second-order check is not needed.
+    rule = (inner_module.from_optax(inner_optimizer, check=False) if inner_optimizer
+            else inner_module.sgd(inner_lr))
+    problem = inner
 
-    def proximal_loss(phi, batch):
-        support, theta = batch
-        distance = sum(jnp.sum((p - t) ** 2) for p, t in
-                       zip(jax.tree.leaves(phi), jax.tree.leaves(theta), strict=True))
-        return objective(phi, support)[0] + 0.5 * lam * distance
+    def support_loss(phi, batch):
+        return objective(phi, batch[0])[0]
+
+    def proximal(strength):
+        def proximal_loss(phi, batch):
+            support, theta = batch
+            distance = sum(jnp.sum((p - t) ** 2) for p, t in
+                           zip(jax.tree.leaves(phi), jax.tree.leaves(theta), strict=True))
+            return objective(phi, support)[0] + 0.5 * strength * distance
+
+        return proximal_loss
+
+    proximal_loss = proximal(lam)
+
+    def descend(loss, theta, support, steps):
+        if inner_solver == "backtracking":
+            return backtracking_descent(loss, theta, (support, theta), steps, inner_lr)[0]
+        return inner_module.adapt(loss, theta, (support, theta), steps, rule)[0]
 
     def make_solver(steps):
         def solve(theta, support):
             theta = jax.lax.stop_gradient(theta)
-            if inner_solver == "backtracking":
-                return backtracking_descent(proximal_loss, theta, (support, theta), steps,
-                                            inner_lr)[0]
-            return inner.adapt(proximal_loss, theta, (support, theta), steps, rule)[0]
+            if problem == "proximal":
+                return descend(proximal_loss, theta, support, steps)
+            phi = descend(support_loss, theta, support, steps)
+            return jax.tree.map(lambda p, t: p - (inner_lr * lam * (p - t)).astype(p.dtype),
+                                phi, theta)
 
         return implicit_proximal_solver(loss_fn, solve, lam, cg_steps, cg_damping, has_aux,
                                         lam_damping, linear_solve)
@@ -281,10 +324,28 @@ def imaml(
         # The implicit gradient is exact only at the proximal solution, where this is 0.
         residual = norm(jax.grad(proximal_loss)(phi0, (support, theta0))) / (
             norm(start_grad) + 1e-12)
-        return phi, start[None], {"inner_residual": residual}
+        distance = norm(jax.tree.map(jnp.subtract, phi0, theta0))
+        return phi, start[None], {"inner_residual": residual, "phi_distance": distance}
 
     def identity(params):
         return params
 
-    return inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity,
-                              task_map)
+    learner = inner_loop_learner(identity, run_inner, loss_fn, inner_steps, has_aux, identity,
+                                 task_map)
+    if eval_lam is None or eval_lam == lam:
+        return learner
+
+    configured_steps = inner_steps
+
+    def adapt(meta_params, support, inner_steps: int | None = None):
+        steps = configured_steps if inner_steps is None else inner_steps
+        check_int("inner_steps", steps, minimum=0)
+        if eval_lam == 0:  # free steps on the support loss, as the released evaluation
+            return descend(support_loss, meta_params, support, steps) if steps else meta_params
+        solve = implicit_proximal_solver(
+            loss_fn, lambda t, s: descend(proximal(eval_lam), jax.lax.stop_gradient(t), s,
+                                          steps),
+            eval_lam, cg_steps, cg_damping, has_aux, lam_damping, linear_solve)
+        return solve(meta_params, support) if steps else meta_params
+
+    return learner._replace(adapt=adapt)

@@ -72,17 +72,22 @@ def msl_weights(inner_steps: int, epoch, anneal_epochs: int) -> jax.Array:
 
     The weights start uniform (``1 / N`` each); every epoch each non-final weight falls by
     ``1 / (N * anneal_epochs)`` down to a floor of ``0.03 / N`` while the final weight grows
-    by the same total, up to ``1 - 0.03 (N - 1) / N``, so after ``anneal_epochs`` epochs almost
-    all weight is on the last step. ``epoch`` may be traced. Returns ``[inner_steps]``.
+    by the same total, up to ``1 - 0.03 (N - 1) / N``. From epoch ``anneal_epochs`` on, only
+    the final step's loss counts (weights ``[0, ..., 0, 1]``), as in the authors' released
+    code, which uses the per-step losses only while ``epoch < multi_step_loss_num_epochs``.
+    ``epoch`` may be traced. Returns ``[inner_steps]``.
     """
     check_int("inner_steps", inner_steps)
     check_int("anneal_epochs", anneal_epochs)
     n = inner_steps
-    decay = jnp.asarray(epoch, jnp.float32) / (n * anneal_epochs)
+    epoch = jnp.asarray(epoch, jnp.float32)
+    decay = epoch / (n * anneal_epochs)
     floor = 0.03 / n
     early = jnp.maximum(jnp.full((n - 1,), 1.0 / n) - decay, floor)
     last = jnp.minimum(1.0 / n + decay * (n - 1), 1.0 - (n - 1) * floor)
-    return jnp.concatenate([early, last[None]])
+    annealing = jnp.concatenate([early, last[None]])
+    final_only = jnp.zeros((n,), jnp.float32).at[-1].set(1.0)
+    return jnp.where(epoch < anneal_epochs, annealing, final_only)
 
 
 def mamlpp(
@@ -93,6 +98,7 @@ def mamlpp(
     multi_step_loss: bool = True,
     learnable_lrs: bool = True,
     per_step: PyTree | Callable[[PyTree], PyTree] | None = None,
+    frozen: PyTree | Callable[[PyTree], PyTree] | None = None,
     step_weights: jax.Array | Callable[[jax.Array], jax.Array] | None = None,
     first_order: bool | Callable[[jax.Array], jax.Array] = False,
     has_aux: bool = False,
@@ -113,6 +119,12 @@ def mamlpp(
         it) runs the model with copy ``i``; the final query loss and ``adapt``'s result use
         the copy of the last step taken. These leaves are meta-learned only, never adapted
         in the inner loop (the reference's default). ``None``: no per-step leaves.
+      frozen: a boolean mask like the model parameters, or a function ``params -> mask``
+        (e.g. :func:`norm_mask`): leaves that are meta-learned but never adapted in the inner
+        loop. The reference never adapts batch-norm scale and bias in the inner loop
+        (``enable_inner_loop_optimizable_bn_params: false``), with or without BNWB: pass
+        ``frozen=norm_mask`` for that without ``per_step``. ``None``: every leaf that is not
+        per-step adapts.
       step_weights: MSL's weights ``w [inner_steps]``, or a schedule ``step -> w`` of the
         (traced) meta-step, as optax takes a schedule for a learning rate: e.g.
         ``lambda step: msl_weights(5, step // 500, 10)`` anneals them over epochs of 500
@@ -139,15 +151,19 @@ def mamlpp(
     objective = loss_and_aux(loss_fn, has_aux)
     default_steps = inner_steps
 
-    def mask_of(params: PyTree) -> PyTree | None:
-        """The per-step mask of ``params`` (model-shaped or with tiled per-step leaves: a
-        mask function must depend on the leaves' paths only, as :func:`norm_mask` does)."""
-        if per_step is None:
+    def resolve_mask(spec, name: str, params: PyTree) -> PyTree | None:
+        """The boolean mask ``spec`` gives for ``params`` (model-shaped or with tiled per-step
+        leaves: a mask function must depend on the leaves' paths only, as :func:`norm_mask`
+        does)."""
+        if spec is None:
             return None
-        mask = per_step(params) if callable(per_step) else per_step
+        mask = spec(params) if callable(spec) else spec
         if jax.tree.structure(mask) != jax.tree.structure(params):
-            raise ValueError("per_step must give a boolean mask with the parameters' structure")
+            raise ValueError(f"{name} must give a boolean mask with the parameters' structure")
         return jax.tree.map(bool, mask)
+
+    def mask_of(params: PyTree) -> PyTree | None:
+        return resolve_mask(per_step, "per_step", params)
 
     def init(params: PyTree) -> MAMLPlusPlusParams:
         lrs = None
@@ -170,10 +186,17 @@ def mamlpp(
 
     def run_inner(meta_params, batch, steps, **kwargs):
         mask = mask_of(meta_params.params)
+        fixed = resolve_mask(frozen, "frozen", meta_params.params)
         if mask is None:
+            adapt_mask = None if fixed is None else jax.tree.map(lambda f: not f, fixed)
+            if adapt_mask is not None:
+                kwargs["mask"] = adapt_mask
             return inner.adapt(loss_fn, meta_params.params, batch, steps,
-                               rule_for(meta_params, None), has_aux=has_aux, **kwargs), None
+                               rule_for(meta_params, adapt_mask), has_aux=has_aux,
+                               **kwargs), None
         adapt_mask = jax.tree.map(lambda m: not m, mask)
+        if fixed is not None:
+            adapt_mask = jax.tree.map(lambda a, f: a and not f, adapt_mask, fixed)
 
         def step_loss(params, batch, i):
             return loss_fn(select_step(params, mask, i), batch)

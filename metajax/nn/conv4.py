@@ -134,6 +134,8 @@ class Conv4(nn.Module):
       conv_impl: ``"auto"`` | ``"im2col"`` | ``"lax"``, see :func:`metajax.nn.conv.conv2d`.
       readout: ``"flatten"`` (every position's channels, the default) or ``"mean"`` (the
         channels averaged over positions: ``filters`` features whatever the image size).
+      norm_eps: the normalisation's epsilon (1e-3, TensorFlow's default, as the MAML
+        reference; PyTorch's 1e-5 in the MAML++ and iMAML references).
 
     Params: ``conv0..conv3`` (``kernel``, plus ``bias`` when ``norm="none"``),
     ``norm0..norm3`` (``scale``, ``bias``; only for ``norm="batch"``), ``head``
@@ -147,6 +149,7 @@ class Conv4(nn.Module):
     norm: Norm = "batch"
     conv_impl: ConvImpl = "auto"
     readout: Readout = "flatten"
+    norm_eps: float = 1e-3
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,9 +188,9 @@ class Conv4(nn.Module):
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
-                x = BatchStatNorm(name=f"norm{i}")(x)
+                x = BatchStatNorm(eps=self.norm_eps, name=f"norm{i}")(x)
             elif self.norm == "layer":
-                x = ExampleNorm(name=f"norm{i}")(x)
+                x = ExampleNorm(eps=self.norm_eps, name=f"norm{i}")(x)
             x = nn.relu(x)
             if not omniglot:
                 x = max_pool_2x2(x)
@@ -197,14 +200,17 @@ class Conv4(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-def conv4_omniglot(ways: int, filters: int = 64, **kwargs) -> Conv4:
+def conv4_omniglot(ways: int, filters: int = 64, pooled: bool = False, **kwargs) -> Conv4:
     """Conv4 for 28x28x1 Omniglot as in MAML (Finn et al., 2017): 64 filters, stride-2 convs.
 
     Input ``[N, 28, 28, 1]``, logits ``[N, ways]``; 256 features before the head, or 64
-    with ``readout="mean"`` (the MAML reference's). ``kwargs`` (``norm``, ``conv_impl``,
-    ``readout``) go to :class:`Conv4`.
+    with ``readout="mean"`` (the MAML reference's). ``pooled=True`` gives MAML++'s reference
+    network instead: stride-1 convs each followed by 2x2 max-pooling (28 -> 14 -> 7 -> 3 -> 1,
+    64 features). ``kwargs`` (``norm``, ``conv_impl``, ``readout``, ``norm_eps``) go to
+    :class:`Conv4`.
     """
-    return Conv4(num_classes=ways, filters=filters, variant="omniglot", **kwargs)
+    variant = "miniimagenet" if pooled else "omniglot"
+    return Conv4(num_classes=ways, filters=filters, variant=variant, **kwargs)
 
 
 def conv4_miniimagenet(ways: int, filters: int = 32, **kwargs) -> Conv4:

@@ -125,62 +125,96 @@ PRESETS.update(_few_shot_presets())
 def _second_wave_presets() -> dict[str, tuple[Config, str]]:
     omniglot = {(ways, shots): PRESETS[f"omniglot-{ways}w{shots}s-maml"][0]
                 for ways in (5, 20) for shots in (1,)}
-    imaml_note = (
-        "iMAML (Rajeswaran et al. 2019): lambda 2.0, 5 CG steps, {steps} "
-        "inner steps of {lr} ({lr_source}), MAML's meta-batch and outer Adam 1e-3; "
-        "{where}.{backward} {status}"
+    released_code = (
+        "the authors' released Omniglot code (aravindr93/imaml_dev: "
+        "omniglot_implicit_maml.py and measure_accuracy.py)"
     )
-    released_lr = "the authors' released Omniglot command; their inner loop is plain GD on the "\
-        "support loss and one step back toward theta, ours descent on the proximal loss "\
-        "with backtracking, a step that would not lower it shrinking (plain GD at 0.1 stops "\
-        "converging on this Conv4 as training goes on; inner_solver=gd restores it)"
-    released = (
-        " Backward system 2u + Hu/12 (cg_damping 1, lam_damping 10) as in the authors' "
-        "released code, not the paper's u + Hu/2: with a Conv4 H is indefinite and 5 CG "
-        "steps on the undamped system give poor meta-gradients."
+    released_backward = (
+        "backward system 2u + Hu/12 (cg_damping 1, lam_damping 10, 5 CG steps)"
     )
     return {
         "sinusoid-imaml": (
             dataclasses.replace(_MAML_SINUSOID, algorithm="imaml", inner_steps=10,
-                                inner_lr=0.02, lam=1.0, cg_steps=5),
-            imaml_note.format(steps=10, lr=0.02, lr_source="our choice; plain GD",
-                              where="sinusoid setting of sinusoid-maml, "
-                              "lambda 1.0 instead of 2.0", backward="", status="Not yet measured."),
+                                inner_lr=0.02, lam=1.0, cg_steps=5,
+                                inner_solver="backtracking"),
+            "iMAML (Rajeswaran et al. 2019) on the sinusoid setting of sinusoid-maml; our "
+            "choices (the paper has no sinusoid protocol): lambda 1.0, 10 inner steps of "
+            "backtracking descent from 0.02 on the proximal loss (plain steps of 0.02 "
+            "diverge on some tasks within 20 meta-steps), 5 undamped CG steps.",
         ),
         "omniglot-5w1s-imaml": (
             dataclasses.replace(omniglot[5, 1], algorithm="imaml", inner_steps=16,
                                 eval_inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5,
                                 cg_damping=1.0, lam_damping=10.0, inner_solver="backtracking"),
-            imaml_note.format(steps=16, lr=0.1, lr_source=released_lr,
-                              where="Omniglot 5-way 1-shot, MAML protocol",
-                              backward=released,
-                              status="Measured: benchmarks/RESULTS.md, section Omniglot "
-                              "5-way 1-shot, iMAML."),
+            "iMAML (Rajeswaran et al. 2019), the paper's inner problem: Omniglot 5-way 1-shot, "
+            "MAML protocol, lambda 2, 16 inner steps of backtracking descent from 0.1 on the "
+            "proximal loss (support loss + lambda/2 |phi - theta|^2), evaluated through the "
+            f"same proximal solve; {released_backward} as in {released_code}, because CG "
+            "does not converge on the paper's undamped u + Hu/lambda with this Conv4 (it is "
+            "indefinite: benchmarks/RESULTS.md, iMAML protocols); MAML's meta-batch 32 and "
+            "outer Adam 1e-3. Measured: benchmarks/RESULTS.md, Omniglot 5-way 1-shot, iMAML.",
+        ),
+        "omniglot-5w1s-imaml-released": (
+            dataclasses.replace(omniglot[5, 1], algorithm="imaml", inner_steps=16,
+                                eval_inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5,
+                                cg_damping=1.0, lam_damping=10.0, inner_problem="released",
+                                eval_lam=0.0, adam_eps=1e-3),
+            f"iMAML as {released_code}: Omniglot 5-way 1-shot, 16 plain SGD steps of 0.1 on "
+            "the support loss, then one step of 0.1 on the proximal term (lambda 2); "
+            f"{released_backward}; outer Adam 1e-3 with eps 1e-3, meta-batch 32; evaluation "
+            "with lambda 0 (16 free steps of 0.1). Differences: tasks drawn afresh each "
+            "step (the released code trains on a fixed pool of 5,000), MAML's data split and "
+            "Conv4 (the released network initialises with Xavier gain 1.73 and biases "
+            "U(0, 0.05), batch-norm eps 1e-5).",
         ),
         "omniglot-20w1s-imaml": (
             dataclasses.replace(omniglot[20, 1], algorithm="imaml", inner_steps=25,
                                 eval_inner_steps=25, inner_lr=0.1, lam=2.0, cg_steps=5,
                                 cg_damping=1.0, lam_damping=10.0, inner_solver="backtracking"),
-            imaml_note.format(steps=25, lr=0.1, lr_source=released_lr,
-                              where="Omniglot 20-way 1-shot, MAML protocol",
-                              backward=released,
-                              status="Not yet measured."),
+            "iMAML (Rajeswaran et al. 2019) Omniglot 20-way 1-shot, MAML protocol: lambda 2, "
+            "25 inner steps of backtracking descent from 0.1 on the proximal loss, "
+            f"{released_backward} as in {released_code}, MAML's meta-batch 16 and outer Adam "
+            "1e-3. Not yet measured.",
         ),
         **{
             f"omniglot-{ways}w1s-mamlpp": (
+                dataclasses.replace(
+                    omniglot[ways, 1], algorithm="mamlpp", inner_steps=5, eval_inner_steps=5,
+                    inner_lr=0.1, outer_lr_schedule="cosine", meta_batch_size=8,
+                    steps=50_000, iters_per_epoch=500, msl_anneal_epochs=10,
+                    first_order_epochs=0, msl=True, lslr=True, bnwb=True, pooling=True,
+                    norm_eps=1e-5,
+                ),
+                f"MAML++ (Antoniou et al. 2019) Omniglot {ways}-way 1-shot as the authors' "
+                f"released config (omniglot_maml++-omniglot_1_8_0.1_64_{ways}_0.json): "
+                "stride-1 3x3 convs with 2x2 max-pooling, 64 filters, batch-norm eps 1e-5; "
+                "meta-batch 8, 1 query per class; 5 inner steps with learnable per-layer "
+                "per-step rates from 0.1; multi-step loss annealed over 10 epochs of 500 "
+                "steps, then the final step's loss only; second order throughout (the "
+                "released first_order_to_second_order_epoch is -1; the paper describes "
+                "first order for 50 epochs: --set first_order_epochs=50); per-step "
+                "batch-norm scale and bias, never adapted in the inner loop; Adam 1e-3 "
+                "cosine-annealed to 1e-5 over 100 epochs (50,000 steps). Differences: no "
+                "per-step running statistics (the reference normalises with batch "
+                "statistics, so they do not change its outputs); MAML's character split "
+                "(1,200 training characters) instead of the reference's fractional split; "
+                "15 test queries per class (--set eval_queries=1 for the reference's 1).",
+            )
+            for ways in (5, 20)
+        },
+        **{
+            f"omniglot-{ways}w1s-mamlpp-strided": (
                 dataclasses.replace(
                     omniglot[ways, 1], algorithm="mamlpp", inner_steps=5, eval_inner_steps=5,
                     inner_lr=0.1, outer_lr_schedule="cosine", steps=75_000,
                     iters_per_epoch=500, msl_anneal_epochs=10, first_order_epochs=50,
                     msl=True, lslr=True, bnwb=True,
                 ),
-                f"MAML++ (Antoniou et al. 2019) Omniglot {ways}-way 1-shot: MSL annealed over "
-                "10 epochs of 500 steps, first order for the first 50 epochs, learnable "
-                "per-layer per-step rates from 0.1, 5 inner steps, Adam 1e-3 cosine-annealed "
-                "to 1e-5, 150 epochs, per-step batch-norm scale and bias (BNWB). Differences: "
-                "no per-step running statistics (BNRS; the reference normalises with batch "
-                "statistics throughout, so they never change its outputs); meta-batch "
-                f"{omniglot[ways, 1].meta_batch_size} (MAML's).",
+                f"MAML++'s switches on MAML's Omniglot {ways}-way 1-shot setting (stride-2 "
+                f"Conv4, meta-batch {omniglot[ways, 1].meta_batch_size}, batch-norm eps "
+                "1e-3), with the paper's derivative-order annealing (first order for 50 "
+                "epochs of 500 steps) and 150 epochs; otherwise as "
+                f"omniglot-{ways}w1s-mamlpp.",
             )
             for ways in (5, 20)
         },

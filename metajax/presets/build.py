@@ -111,8 +111,9 @@ def omniglot_problem(config: Config) -> Problem:
 
     arrays = load_omniglot(config.data_dir or None)
     splits = omniglot_splits(arrays, config.split)
-    return classification_problem(config, splits, conv4_omniglot(config.ways, norm=config.norm,
-                                                                readout=config.readout))
+    model = conv4_omniglot(config.ways, norm=config.norm, readout=config.readout,
+                           pooled=config.pooling, norm_eps=config.norm_eps)
+    return classification_problem(config, splits, model)
 
 
 def miniimagenet_problem(config: Config) -> Problem:
@@ -121,7 +122,8 @@ def miniimagenet_problem(config: Config) -> Problem:
 
     images, _ = load_miniimagenet(config.data_dir or None)
     return classification_problem(
-        config, images, conv4_miniimagenet(config.ways, norm=config.norm, readout=config.readout)
+        config, images, conv4_miniimagenet(config.ways, norm=config.norm, readout=config.readout,
+                                           norm_eps=config.norm_eps)
     )
 
 
@@ -145,10 +147,13 @@ LEARNERS: dict[str, Callable[[Config, Problem], mj.Learner]] = {
     "imaml": lambda c, p: mj.imaml(p.loss_fn, c.inner_lr, c.inner_steps, lam=c.lam,
                                    cg_steps=c.cg_steps, cg_damping=c.cg_damping,
                                    lam_damping=c.lam_damping, inner_solver=c.inner_solver,
+                                   inner=c.inner_problem,
+                                   eval_lam=None if c.eval_lam == -1.0 else c.eval_lam,
                                    has_aux=p.has_aux),
     "mamlpp": lambda c, p: mj.mamlpp(
         p.loss_fn, c.inner_lr, c.inner_steps, multi_step_loss=c.msl, learnable_lrs=c.lslr,
-        per_step=norm_mask if c.bnwb else None, has_aux=p.has_aux, **mamlpp_schedules(c),
+        per_step=norm_mask if c.bnwb else None, frozen=None if c.bnwb else norm_mask,
+        has_aux=p.has_aux, **mamlpp_schedules(c),
     ),
 }
 """Meta-learners by name (``config.algorithm``): ``builder(config, problem) -> Learner``."""
@@ -187,7 +192,10 @@ def build_optimizer(config: Config) -> optax.GradientTransformation:
         lr = optax.cosine_decay_schedule(config.outer_lr, config.steps, alpha=0.01)
     else:
         lr = config.outer_lr
-    optimizer = {"adam": optax.adam, "sgd": optax.sgd}[config.outer_optimizer](lr)
+    if config.outer_optimizer == "adam":
+        optimizer = optax.adam(lr, eps=config.adam_eps)
+    else:
+        optimizer = optax.sgd(lr)
     if config.grad_clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from metajax.data.omniglot import SPLIT_PROTOCOLS as OMNIGLOT_SPLITS
-from metajax.meta.imaml import INNER_SOLVERS
+from metajax.meta.imaml import INNER_PROBLEMS, INNER_SOLVERS
 from metajax.nn.conv4 import NORMS, READOUTS
 from metajax.nn.precision import COMPUTE_DTYPES
 from metajax.train.config import ConfigError, FlatConfig
@@ -53,6 +53,12 @@ class Config(FlatConfig):
       cg_damping, lam_damping: iMAML's backward-system stabilisers, see :func:`metajax.imaml`.
       inner_solver: iMAML's inner solver, ``gd`` (fixed steps of ``inner_lr``) or
         ``backtracking`` (steps that shrink when the proximal loss would not fall).
+      inner_problem: iMAML's inner problem in training, ``proximal`` (the paper's) or
+        ``released`` (the authors' released loop: free steps, then one step back towards
+        theta); see :func:`metajax.imaml`.
+      eval_lam: iMAML's proximal strength at validation and test (-1: ``lam``; 0: free
+        steps on the support loss, as the authors' released evaluation).
+      adam_eps: the outer Adam's epsilon (optax's default 1e-8; iMAML's released code 1e-3).
       msl: MAML++ multi-step loss.
       lslr: MAML++ learnable per-layer per-step inner learning rates.
       bnwb: MAML++ per-step batch-norm scale and bias (meta-learned, one copy per inner step).
@@ -66,6 +72,10 @@ class Config(FlatConfig):
       norm: Conv4 normalisation: ``batch`` (current-batch statistics in training and
         evaluation, as the MAML reference: transductive), ``layer`` (per-example statistics:
         non-transductive) or ``none``.
+      pooling: Omniglot Conv4 with stride-1 convolutions and 2x2 max-pooling (MAML++'s
+        reference network) instead of MAML's stride-2 convolutions.
+      norm_eps: the Conv4 normalisation's epsilon (1e-3 as the MAML reference; 1e-5 as
+        PyTorch's default in the MAML++ and iMAML references).
       readout: Conv4 features for the head, ``flatten`` (every position; iMAML's released
         code) or ``mean`` (averaged over positions; the MAML reference for Omniglot).
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
@@ -124,6 +134,9 @@ class Config(FlatConfig):
     cg_damping: float = 0.0
     lam_damping: float = 0.0
     inner_solver: str = "gd"
+    inner_problem: str = "proximal"
+    eval_lam: float = -1.0
+    adam_eps: float = 1e-8
     msl: bool = True
     lslr: bool = True
     bnwb: bool = False
@@ -135,6 +148,8 @@ class Config(FlatConfig):
     split: str = "maml"
     norm: str = "batch"
     readout: str = "flatten"
+    pooling: bool = False
+    norm_eps: float = 1e-3
     grad_clip_norm: float = 0.0
     on_nan: str = "stop"
     checkpoint_every: int = 0
@@ -155,6 +170,7 @@ class Config(FlatConfig):
                 "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
                 "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries", "lam",
                 "cg_steps", "iters_per_epoch", "msl_anneal_epochs", "keep_checkpoints",
+                "adam_eps", "norm_eps",
             ),
             non_negative=(
                 "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
@@ -170,6 +186,7 @@ class Config(FlatConfig):
                 "norm": NORMS,
                 "readout": READOUTS,
                 "inner_solver": INNER_SOLVERS,
+                "inner_problem": INNER_PROBLEMS,
                 "on_nan": ON_NAN,
                 "compute_dtype": tuple(COMPUTE_DTYPES),
             },
@@ -186,6 +203,15 @@ class Config(FlatConfig):
         if self.inner_solver != "gd" and self.algorithm != "imaml":
             raise ConfigError(f"inner_solver={self.inner_solver!r} applies to imaml only; "
                               f"{self.algorithm} takes plain gradient steps")
+        if self.algorithm != "imaml" and (self.inner_problem != "proximal"
+                                          or self.eval_lam != -1.0):
+            raise ConfigError("inner_problem and eval_lam apply to imaml only; leave them at "
+                              f"their defaults for {self.algorithm}")
+        if self.pooling and self.dataset != "omniglot":
+            raise ConfigError("pooling applies to the Omniglot Conv4 only (mini-ImageNet's "
+                              "Conv4 always pools)")
+        if self.eval_lam != -1.0 and self.eval_lam < 0:
+            raise ConfigError(f"eval_lam must be >= 0, or -1 for lam; got {self.eval_lam!r}")
         return self
 
     def run_control(self) -> tuple[str, ...]:
