@@ -30,6 +30,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+import metajax as mj
 from metajax._tree import norm, vdot
 from metajax.presets import get_preset
 from metajax.presets.build import build_learner, build_problem
@@ -45,7 +46,7 @@ def cosine(a, b) -> jax.Array:
     return vdot(a, b) / (norm(a) * norm(b) + 1e-30)
 
 
-def report(config, meta_params, tasks, reference_cg: int) -> dict:
+def report(config, meta_params, tasks, reference_cg: int, solver: str = "gmres") -> dict:
     problem = build_problem(config)
     learner = build_learner(config, problem)
     objective = problem.loss_fn if not problem.has_aux else (
@@ -67,9 +68,12 @@ def report(config, meta_params, tasks, reference_cg: int) -> dict:
 
         # The system is symmetric but, away from a convex support loss, indefinite, where CG
         # need not converge: GMRES (restarted every 50 steps) solves it either way.
-        exact, _ = jax.scipy.sparse.linalg.gmres(system, g_query, tol=1e-6, atol=0.0,
-                                                  restart=50, maxiter=reference_cg // 50 or 1,
-                                                  solve_method="incremental")
+        if solver == "cg":  # to show that CG does not converge on this system
+            exact = mj.conjugate_gradient(system, g_query, reference_cg)
+        else:
+            exact, _ = jax.scipy.sparse.linalg.gmres(
+                system, g_query, tol=1e-6, atol=0.0, restart=50,
+                maxiter=reference_cg // 50 or 1, solve_method="incremental")
         residual = norm(jax.tree.map(jnp.subtract, system(exact), g_query)) / norm(g_query)
         adapted = learner.adapt(meta_params, task.support, config.test_inner_steps)
         return {
@@ -96,7 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--params", default=None,
                         help="a meta_params .msgpack file (default: initialisation, seed 0)")
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--reference-cg", type=int, default=200)
+    parser.add_argument("--reference-cg", type=int, default=200,
+                        help="Hessian-vector products of the accurate solve")
+    parser.add_argument("--reference-solver", choices=("gmres", "cg"), default="gmres")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--label", default="", help="a name for this line (e.g. the arm)")
     args = parser.parse_args(argv)
@@ -126,7 +132,9 @@ def main(argv=None) -> int:
         line = {"preset": name, "overrides": overrides, "label": args.label,
                 "params": args.params or "init", "tasks": args.tasks,
                 "reference_cg": args.reference_cg,
-                **report(config, theta, tasks, args.reference_cg), "machine": machine()}
+                "reference_solver": args.reference_solver,
+                **report(config, theta, tasks, args.reference_cg, args.reference_solver),
+                "machine": machine()}
         print(json.dumps(line), flush=True)
     return 0
 
