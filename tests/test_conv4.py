@@ -423,3 +423,25 @@ def test_norm_eps_reaches_the_normalisation():
     small, large = conv4_omniglot(5, norm_eps=1e-5), conv4_omniglot(5, norm_eps=1.0)
     params = small.init(jax.random.PRNGKey(3), x)
     assert not np.allclose(small.apply(params, x), large.apply(params, x), atol=1e-4)
+
+
+def test_imaml_init_matches_the_released_network_distribution():
+    """weight_init="imaml": Xavier-uniform weights with gain 1.73 (bound g * sqrt(6 / (fan_in +
+    fan_out)), variance g^2 * 2 / (fan_in + fan_out)) and biases uniform in [0, 0.05]."""
+    x = jnp.zeros((2, 28, 28, 1))
+    params = conv4_omniglot(5, weight_init="imaml", norm="none").init(jax.random.PRNGKey(0), x)
+    p = params["params"]
+    for name, fan_in, fan_out in (("conv1", 9 * 64, 9 * 64), ("head", 256, 5)):
+        kernel = np.asarray(p[name]["kernel"]).ravel()
+        bound = 1.73 * np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(kernel).max() <= bound
+        assert np.abs(kernel).max() > 0.95 * bound          # uniform: reaches the bound
+        np.testing.assert_allclose(kernel.var(), bound**2 / 3, rtol=0.1)
+        bias = np.asarray(p[name]["bias"])
+        assert bias.min() >= 0.0 and bias.max() <= 0.05 and bias.std() > 0.005
+    default = conv4_omniglot(5, norm="none").init(jax.random.PRNGKey(0), x)["params"]
+    assert not np.any(np.asarray(default["conv1"]["bias"]))
+    bn = conv4_omniglot(5, weight_init="imaml").init(jax.random.PRNGKey(0), x)["params"]
+    assert "bias" not in bn["conv0"] and float(bn["head"]["bias"].min()) >= 0.0
+    with pytest.raises(ValueError, match="weight_init"):
+        conv4_omniglot(5, weight_init="he").init(jax.random.PRNGKey(0), x)

@@ -36,10 +36,32 @@ from metajax.nn.conv import ConvImpl, conv2d, max_pool_2x2, resolve_impl
 Variant = Literal["omniglot", "miniimagenet"]
 Norm = Literal["batch", "layer", "none"]
 Readout = Literal["flatten", "mean"]
+Init = Literal["glorot", "imaml"]
 
 VARIANTS: tuple[str, ...] = ("omniglot", "miniimagenet")
 NORMS: tuple[str, ...] = ("batch", "layer", "none")
 READOUTS: tuple[str, ...] = ("flatten", "mean")
+INITS: tuple[str, ...] = ("glorot", "imaml")
+
+# iMAML's released Omniglot network: Xavier-uniform weights with gain 1.73 and biases drawn
+# uniformly from [0, 0.05] (conv and linear layers alike). Xavier-uniform with gain g is
+# flax's variance scaling with scale g**2 over the fan average.
+_IMAML_GAIN = 1.73
+_IMAML_BIAS_HIGH = 0.05
+
+
+def _kernel_init(init: str):
+    if init == "imaml":
+        return nn.initializers.variance_scaling(_IMAML_GAIN**2, "fan_avg", "uniform")
+    return nn.initializers.glorot_uniform()
+
+
+def _bias_init(init: str):
+    if init == "imaml":
+        def uniform_bias(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, 0.0, _IMAML_BIAS_HIGH)
+        return uniform_bias
+    return nn.initializers.zeros_init()
 
 
 class Conv2D(nn.Module):
@@ -47,7 +69,8 @@ class Conv2D(nn.Module):
 
     Input ``[N, H, W, C_in]``, output ``[N, H_out, W_out, features]``. Params: ``kernel``
     ``[kh, kw, C_in, features]`` (Glorot-uniform, as the MAML reference) and, if ``use_bias``,
-    ``bias [features]`` (zeros).
+    ``bias [features]`` (zeros). ``weight_init="imaml"``: Xavier-uniform with gain 1.73 and biases
+    uniform in ``[0, 0.05]``, as iMAML's released network.
     """
 
     features: int
@@ -56,19 +79,20 @@ class Conv2D(nn.Module):
     padding: str = "SAME"
     use_bias: bool = True
     impl: ConvImpl = "auto"
+    weight_init: Init = "glorot"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         kernel = self.param(
             "kernel",
-            nn.initializers.glorot_uniform(),
+            _kernel_init(self.weight_init),
             (kh, kw, x.shape[-1], self.features),
             jnp.float32,
         )
         y = conv2d(x, kernel.astype(x.dtype), self.stride, self.padding, impl=self.impl)
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            bias = self.param("bias", _bias_init(self.weight_init), (self.features,), jnp.float32)
             y = y + bias.astype(y.dtype)
         return y
 
@@ -150,6 +174,7 @@ class Conv4(nn.Module):
     conv_impl: ConvImpl = "auto"
     readout: Readout = "flatten"
     norm_eps: float = 1e-3
+    weight_init: Init = "glorot"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,6 +187,8 @@ class Conv4(nn.Module):
             )
         if self.readout not in READOUTS:
             raise ValueError(f"Conv4 readout must be one of {READOUTS}, got {self.readout!r}.")
+        if self.weight_init not in INITS:
+            raise ValueError(f"Conv4 weight_init must be one of {INITS}, got {self.weight_init!r}.")
         if self.num_classes < 1 or self.filters < 1:
             raise ValueError(
                 f"Conv4 needs num_classes >= 1 and filters >= 1, got num_classes="
@@ -185,6 +212,7 @@ class Conv4(nn.Module):
                 stride=2 if omniglot else 1,
                 use_bias=self.norm == "none",
                 impl=impl,
+                weight_init=self.weight_init,
                 name=f"conv{i}",
             )(x)
             if self.norm == "batch":
@@ -197,6 +225,9 @@ class Conv4(nn.Module):
         if self.readout == "mean":
             x = jnp.mean(x, axis=(1, 2))
         x = x.reshape(x.shape[0], -1)
+        if self.weight_init == "imaml":
+            return nn.Dense(self.num_classes, kernel_init=_kernel_init(self.weight_init),
+                            bias_init=_bias_init(self.weight_init), name="head")(x)
         return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -206,8 +237,8 @@ def conv4_omniglot(ways: int, filters: int = 64, pooled: bool = False, **kwargs)
     Input ``[N, 28, 28, 1]``, logits ``[N, ways]``; 256 features before the head, or 64
     with ``readout="mean"`` (the MAML reference's). ``pooled=True`` gives MAML++'s reference
     network instead: stride-1 convs each followed by 2x2 max-pooling (28 -> 14 -> 7 -> 3 -> 1,
-    64 features). ``kwargs`` (``norm``, ``conv_impl``, ``readout``, ``norm_eps``) go to
-    :class:`Conv4`.
+    64 features). ``kwargs`` (``norm``, ``conv_impl``, ``readout``, ``norm_eps``, ``weight_init``)
+    go to :class:`Conv4`.
     """
     variant = "miniimagenet" if pooled else "omniglot"
     return Conv4(num_classes=ways, filters=filters, variant=variant, **kwargs)
