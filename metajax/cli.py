@@ -1,4 +1,9 @@
-"""The ``metajax`` command: ``presets``, ``train``, ``evaluate`` and ``continual``.
+"""The ``metajax`` command: ``presets [NAME]``, ``train``, ``evaluate`` and ``continual``.
+
+``train`` and ``continual`` start from a preset or from ``--config FILE`` (a run's
+``config.json``, or a JSON or TOML file of fields: :mod:`metajax.presets.files`), then apply
+``--set KEY=VALUE`` and the flags on top; ``--dry-run`` checks and prints the result without
+compiling, loading data or writing anything.
 
 Every command checks its input before anything is compiled. Every expected failure (bad
 configuration, bad or missing data, a run directory in use or holding another run,
@@ -11,7 +16,11 @@ a command prints on stdout is one JSON object (strict JSON: non-finite numbers a
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -64,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("presets", help="list the named configurations")
+    presets = sub.add_parser("presets", help="list the named configurations, or show one")
+    presets.add_argument("name", nargs="?",
+                         help="a preset: print its configuration, its note (source and "
+                         "differences) and the paper's figures")
 
     train = sub.add_parser("train", help="meta-train a preset")
-    train.add_argument("preset", help="a name from `metajax presets`")
+    train.add_argument("preset", nargs="?",
+                       help="a name from `metajax presets` (or give --config FILE)")
+    _start_arguments(train, "train")
     train.add_argument("--steps", type=_positive_int, help="meta-steps (default: the preset's)")
     train.add_argument("--out", type=Path, help="run directory (default: runs/PRESET-TIME)")
     train.add_argument("--seed", type=_non_negative_int, help="random seed (default 0)")
@@ -122,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     continual = sub.add_parser(
         "continual", help="train a continual learner on a task stream and measure forgetting"
     )
-    continual.add_argument("preset", help="a continual preset from `metajax presets`")
+    continual.add_argument("preset", nargs="?",
+                           help="a continual preset from `metajax presets` (or give --config "
+                           "FILE)")
+    _start_arguments(continual, "continual")
     continual.add_argument("--out", type=Path,
                            help="run directory (default: runs/PRESET-TIME)")
     continual.add_argument("--seeds", type=_positive_int,
@@ -144,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``--config FILE`` and ``--dry-run``, shared by ``train`` and ``continual``."""
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help=f"start from a file instead of a preset: a `metajax {kind}` run's "
+                        "config.json (or its directory), or a JSON or TOML file of fields "
+                        "(those it leaves out come from the preset it names, else the "
+                        "defaults); --set and the other flags apply on top")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the configuration, the data directory, the devices and "
+                        "--out, print the resolved configuration and exit; compiles, loads "
+                        "and writes nothing")
+
+
 def _device_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--devices", type=_positive_int, metavar="N",
                         help=f"devices {what} is spread over; it must divide evenly (default: "
@@ -155,16 +185,99 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
-def _cmd_presets() -> int:
+def _cmd_presets(name: str | None = None) -> int:
+    """``metajax presets``: one line per preset; with ``name``, that preset in full."""
+    if name is not None:
+        return _show_preset(name)
     from metajax.presets.continual import CONTINUAL_PRESETS
+    from metajax.presets.published import dataset_label, source_line
 
-    print("# meta-learning (metajax train PRESET)")
-    for name in sorted(PRESETS):
-        print(f"{name:24s} {PRESETS[name][1]}")
-    print("# continual learning (metajax continual PRESET)")
-    for name in sorted(CONTINUAL_PRESETS):
-        print(f"{name:24s} {CONTINUAL_PRESETS[name][1]}")
+    sections = [
+        ("meta-learning: metajax train PRESET", "algorithm", "dataset", sorted(PRESETS),
+         lambda n: PRESETS[n][0].algorithm),
+        ("continual learning: metajax continual PRESET", "learner", "stream",
+         sorted(CONTINUAL_PRESETS), lambda n: CONTINUAL_PRESETS[n][0].learner),
+    ]
+    print("# `metajax presets NAME` prints a preset's configuration, source and paper figures")
+    for title, what, data, names, method in sections:
+        rows = [(n, method(n), dataset_label(n), source_line(n)) for n in names]
+        widths = [max(len(r[i]) for r in [*rows, ("", what, data, "")]) + 1 for i in range(3)]
+        print(f"# {title}")
+        print(_row(("# preset", what, data, "source"), widths))
+        for row in rows:
+            print(_row(row, widths))
     print(dumps({"presets": sorted(PRESETS), "continual": sorted(CONTINUAL_PRESETS)}))
+    return 0
+
+
+def _row(cells: tuple[str, ...], widths: list[int]) -> str:
+    """The cells padded to ``widths``, the last one as it is."""
+    return "".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)) + cells[-1]
+
+
+def _find_preset(name: str):
+    """``(kind, config, note)`` of preset ``name``; :class:`ConfigError` with the closest
+    names when there is none."""
+    from metajax.presets.continual import CONTINUAL_PRESETS, get_continual_preset
+
+    if name in PRESETS:
+        return "train", get_preset(name), PRESETS[name][1]
+    if name in CONTINUAL_PRESETS:
+        return "continual", get_continual_preset(name), CONTINUAL_PRESETS[name][1]
+    close = difflib.get_close_matches(name, [*PRESETS, *CONTINUAL_PRESETS], n=5, cutoff=0.5)
+    hint = f"close matches: {', '.join(close)}" if close else "no preset has a similar name"
+    raise ConfigError(f"unknown preset {name!r}; {hint} (`metajax presets` lists them all)")
+
+
+def _config_lines(config, notes: dict[str, str] | None = None) -> list[str]:
+    """``key = value  # note`` for every field: TOML, so the block saved to a file is a
+    ``--config`` file."""
+    notes = config.field_notes() if notes is None else notes
+    values = dataclasses.asdict(config)
+    width = max(map(len, values))
+    lines = []
+    for key, value in values.items():
+        line = f"{key.ljust(width)} = {json.dumps(value)}"
+        if key in notes:
+            line = f"{line.ljust(width + 16)} # {notes[key]}"
+        lines.append(line)
+    return lines
+
+
+def _wrapped(text: str) -> str:
+    """``text`` wrapped at 96 characters, continuation lines indented."""
+    return textwrap.fill(text, width=96, subsequent_indent="  ")
+
+
+def _show_preset(name: str) -> int:
+    from metajax.presets.published import PUBLISHED, source_line
+
+    kind, config, note = _find_preset(name)
+    published = PUBLISHED.get(name, ())
+    if kind == "train":
+        title = f"{name}: {config.algorithm} on {config.dataset}"
+    else:
+        title = f"{name}: {config.learner} on {config.benchmark}"
+    print(title)
+    print(f"run: metajax {kind} {name}    source: {source_line(name)}")
+    if kind == "continual":
+        print(_wrapped(f"stream: {config.stream_description()}"))
+    print("\nnote (source and differences):")
+    print(textwrap.fill(note, width=96, initial_indent="  ", subsequent_indent="  "))
+    print("\npublished:")
+    for figure in published:
+        print(textwrap.fill(figure.describe(), width=96, initial_indent="  ",
+                            subsequent_indent="    "))
+    if not published:
+        print("  no figure recorded for this setting (see the note)")
+    print(f"\nconfiguration (TOML: `metajax {kind} --config FILE` starts from it saved to "
+          "FILE):")
+    for line in _config_lines(config):
+        print(f"  {line}")
+    print(dumps({"preset": name, "kind": kind, "command": f"metajax {kind} {name}",
+                 "source": source_line(name), "config": dataclasses.asdict(config),
+                 "resolved": config.field_notes(), "note": note,
+                 "published": [figure.to_dict() for figure in published]}))
     return 0
 
 
@@ -180,8 +293,29 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _start_config(args, kind: str):
+    """The configuration ``args`` start from: the preset, or the ``--config`` file."""
+    if args.preset is not None and args.config is not None:
+        raise ConfigError(f"give a preset or --config FILE, not both (--set KEY=VALUE "
+                          f"changes fields of either): got {args.preset!r} and --config "
+                          f"{args.config}")
+    if args.config is not None:
+        from metajax.presets.files import config_from_file
+
+        return config_from_file(args.config, kind)
+    if args.preset is None:
+        example = "sinusoid-maml" if kind == "train" else "perm-mnist-er"
+        raise ConfigError(f"give a preset (`metajax presets` lists them) or --config FILE, "
+                          f"e.g. `metajax {kind} {example}`")
+    if kind == "continual":
+        from metajax.presets.continual import get_continual_preset
+
+        return get_continual_preset(args.preset)
+    return get_preset(args.preset)
+
+
 def _train_config(args) -> Config:
-    config = get_preset(args.preset).with_overrides(args.overrides)
+    config = _start_config(args, "train").with_overrides(args.overrides)
     for flag, key in (("steps", "steps"), ("seed", "seed"), ("data_dir", "data_dir"),
                       ("checkpoint_every", "checkpoint_every"), ("on_nan", "on_nan"),
                       ("devices", "devices")):
@@ -241,6 +375,8 @@ def _mesh(what: str, size: int, requested: int):
 
 
 def _cmd_train(args) -> int:
+    if args.dry_run:
+        return _dry_run_train(args)
     _join(args)
     config = _train_config(args)
     mesh, count = _mesh("meta_batch_size", config.meta_batch_size, config.devices)
@@ -289,17 +425,22 @@ def _claim(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
     files are replaced); a ``config.json`` without ``run.json`` is a run of an earlier
     version, compared like any other.
     """
-    from metajax.train.loop import CONFIG_FILE
-    from metajax.train.rundir import (
-        RunDirError,
-        check_kind,
-        has_progress,
-        read_run_record,
-        remove_leftovers,
-        write_run_record,
-    )
+    from metajax.train.rundir import remove_leftovers, write_run_record
 
     remove_leftovers(run_dir)
+    resume = _inspect_out(run_dir, kind, config, wants_resume)
+    if not resume and wants_resume:
+        _log(f"metajax: nothing to resume in {run_dir}: starting a new run")
+    write_run_record(run_dir, kind, config.fingerprint())
+    return resume
+
+
+def _inspect_out(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
+    """What :func:`_claim` decides about ``run_dir``, read-only: whether the run resumes;
+    :class:`RunDirError` for a directory it would refuse."""
+    from metajax.train.loop import CONFIG_FILE
+    from metajax.train.rundir import RunDirError, check_kind, has_progress, read_run_record
+
     record = read_run_record(run_dir)
     check_kind(run_dir, kind, record)
     resume = has_progress(run_dir)
@@ -321,9 +462,6 @@ def _claim(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
         raise RunDirError(f"--out {run_dir} already holds a run of this configuration; pass "
                           "--resume to continue it (or print its results again), or choose "
                           "another directory")
-    if not resume and wants_resume:
-        _log(f"metajax: nothing to resume in {run_dir}: starting a new run")
-    write_run_record(run_dir, kind, config.fingerprint())
     return resume
 
 
@@ -412,10 +550,8 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _cmd_continual(args) -> int:
-    from metajax.presets.continual import get_continual_preset
-
-    config = get_continual_preset(args.preset).with_overrides(args.overrides)
+def _continual_config(args):
+    config = _start_config(args, "continual").with_overrides(args.overrides)
     if args.seeds is not None:
         config = config.with_overrides([f"seeds={args.seeds}"])
     if args.data_dir is not None:
@@ -423,26 +559,160 @@ def _cmd_continual(args) -> int:
     if args.devices is not None:
         config = config.with_overrides([f"devices={args.devices}"])
     if args.sweep:
-        import dataclasses
-
         config = dataclasses.replace(config, sweep=";".join(args.sweep))
-    config.validate()
+    return config.validate()
+
+
+def _task_notices(args, config) -> list[str]:
+    """What a ``--set tasks=...`` the user gave means for the stream, when it is not the
+    plain count: 0 is the protocol's count, and a protocol that holds out leading tasks
+    (``cv_tasks``, A-GEM's 3) runs fewer than ``tasks``."""
+    given = [pair.partition("=")[0].strip() for pair in args.overrides]
+    if "tasks" not in given:
+        return []
+    counts = config.task_counts()
+    if not config.tasks:
+        notes = [f"metajax: tasks=0 is the protocol's count: {counts['tasks']} tasks"]
+    else:
+        notes = []
+    if counts["cv_tasks"]:
+        notes.append(
+            f"metajax: tasks={counts['tasks']} counts the {counts['cv_tasks']} leading tasks "
+            f"{config.benchmark} holds out for hyper-parameter search (cv_tasks): "
+            f"{counts['run']} are run and reported; --set tasks="
+            f"{counts['tasks'] + counts['cv_tasks']} runs {counts['tasks']}, --set cv_tasks=0 "
+            f"runs all {counts['tasks']}")
+    return notes
+
+
+def _cmd_continual(args) -> int:
+    config = _continual_config(args)
+    if args.dry_run:
+        return _dry_run(args, "continual", config, _task_notices(args, config))
     what = "seeds x sweep settings" if config.sweep else "seeds"
     mesh, count = _mesh(what, config.runs, config.devices)
     config = config.with_overrides([f"devices={count}"])
     run_dir = _run_dir(args.out, config.preset)
+    notices = _task_notices(args, config)
     return _locked(run_dir, "continual",
-                   lambda: _continual_locked(args, config, run_dir, mesh))
+                   lambda: _continual_locked(args, config, run_dir, mesh, notices))
 
 
-def _continual_locked(args, config, run_dir: Path, mesh=None) -> int:
+def _continual_locked(args, config, run_dir: Path, mesh=None, notices=()) -> int:
     resume = _claim(run_dir, "continual", config, args.resume)
 
     from metajax.presets.build_continual import run_experiment
 
+    pending = list(notices)
+
+    def log(message: str) -> None:
+        # The notices go out with the run's first line, once the stream and the learner are
+        # built: a failure before that stays one line on stderr.
+        while pending:
+            _log(pending.pop(0))
+        _log(message)
+
     summary = run_experiment(config, run_dir, progress=not args.no_progress, resume=resume,
-                             log=_log, mesh=mesh)
+                             log=log, mesh=mesh)
     print(dumps(summary))
+    return 0
+
+
+def _data_folders(kind: str, config) -> list[tuple[str, bool]]:
+    """``(dataset folder, downloadable)`` of each data set ``config`` reads."""
+    if kind == "train":
+        return {"sinusoid": [], "omniglot": [("omniglot", True)],
+                "miniimagenet": [("miniimagenet", False)]}[config.dataset]
+    if config.benchmark == "split_omniglot":
+        return [("omniglot", True)]
+    from metajax.presets.protocols import PROTOCOLS
+
+    if PROTOCOLS[config.benchmark].benchmark == "split_cifar100":
+        return [("cifar100", True)]
+    return [("mnist", True)]
+
+
+def _check_data(kind: str, config) -> list[dict]:
+    """Where ``config``'s data would be read from, without reading it: the data directory
+    named (``--data-dir``, ``data_dir`` or ``$METAJAX_DATA_DIR``) must exist, and a data set
+    metajax cannot download must be there."""
+    from metajax.data.sources import require_data_dir
+
+    folders = _data_folders(kind, config)
+    if not folders:
+        return []
+    root = require_data_dir(config.data_dir or None)
+    found = []
+    for name, downloadable in folders:
+        folder = root / name
+        present = folder.is_dir()
+        if not present and not downloadable:
+            raise ConfigError(f"{folder} does not exist: {name} is not downloaded by metajax; "
+                              f"put its files there or give --data-dir")
+        found.append({"dataset": name, "folder": str(folder), "present": present,
+                      "downloads": not present})
+    return found
+
+
+def _dry_run_train(args) -> int:
+    config = _train_config(args)
+    trio = (args.coordinator, args.num_processes, args.process_id)
+    notices = []
+    if args.distributed or any(v is not None for v in trio):
+        if args.distributed and any(v is not None for v in trio):
+            raise ConfigError("give either --distributed or --coordinator, --num-processes "
+                              "and --process-id")
+        if not args.distributed and any(v is None for v in trio):
+            raise ConfigError("a multi-process run needs all of --coordinator, "
+                              "--num-processes and --process-id (or --distributed)")
+        if args.out is None:
+            raise ConfigError("a multi-process run needs --out (a directory every process "
+                              "names the same)")
+        notices.append("metajax: a multi-process run: the devices are counted once the "
+                       "processes have joined, not in a dry run")
+    return _dry_run(args, "train", config, notices, count_devices=not notices)
+
+
+def _dry_run(args, kind: str, config, notices: list[str], count_devices: bool = True) -> int:
+    """Check what a run of ``config`` would start from and print it; writes nothing."""
+    if count_devices:
+        from metajax.train.parallel import choose_devices
+
+        if kind == "train":
+            what, size = "meta_batch_size", config.meta_batch_size
+        else:
+            what = "seeds x sweep settings" if config.sweep else "seeds"
+            size = config.runs
+        try:
+            count = choose_devices(what, size, config.devices)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        config = config.with_overrides([f"devices={count}"])
+    data = _check_data(kind, config)
+    resume = False
+    if args.out is not None:
+        run_dir = _run_dir(args.out, config.preset)
+        if run_dir.is_dir():
+            resume = _inspect_out(run_dir, kind, config, args.resume)
+        where = str(run_dir)
+    else:
+        where = f"runs/{config.preset}-YYYYmmdd-HHMMSS"
+    for notice in notices:
+        _log(notice)
+    start = f"--config {args.config}" if args.config is not None else f"preset {config.preset}"
+    print(f"dry run: `metajax {kind}` from {start}; nothing compiled, loaded or written")
+    if kind == "continual":
+        print(_wrapped(f"stream: {config.stream_description()}"))
+    for found in data:
+        state = "present" if found["present"] else "absent: the run would download it"
+        print(f"data: {found['folder']} ({state})")
+    print(f"run directory: {where} ({'resumes' if resume else 'a new run'})")
+    print("configuration:")
+    for line in _config_lines(config):
+        print(f"  {line}")
+    print(dumps({"dry_run": True, "kind": kind, "config": dataclasses.asdict(config),
+                 "fingerprint": config.fingerprint(), "run_dir": where, "resume": resume,
+                 "data": data, "notices": [n.removeprefix("metajax: ") for n in notices]}))
     return 0
 
 
@@ -463,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "presets":
-            return _cmd_presets()
+            return _cmd_presets(args.name)
         if args.command == "train":
             return _cmd_train(args)
         if args.command == "continual":

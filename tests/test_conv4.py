@@ -445,3 +445,28 @@ def test_imaml_init_matches_the_released_network_distribution():
     assert "bias" not in bn["conv0"] and float(bn["head"]["bias"].min()) >= 0.0
     with pytest.raises(ValueError, match="weight_init"):
         conv4_omniglot(5, weight_init="he").init(jax.random.PRNGKey(0), x)
+
+
+def test_presets_pass_weight_init_and_norm_eps_to_the_model(monkeypatch):
+    """The released-iMAML preset builds its Conv4 with the released initialisation."""
+    import metajax.data.omniglot as omniglot
+    import metajax.presets.build as build
+    from metajax.presets import get_preset
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_conv4(ways, **kwargs):
+        seen.update(kwargs, ways=ways)
+        raise Built
+
+    monkeypatch.setattr(omniglot, "load_omniglot", lambda *a, **k: None)
+    monkeypatch.setattr(omniglot, "omniglot_splits", lambda *a, **k: None)
+    monkeypatch.setattr(build, "conv4_omniglot", fake_conv4)
+    for name, init, eps in (("omniglot-5w1s-imaml-released", "imaml", 1e-5),
+                            ("omniglot-5w1s-maml", "glorot", 1e-3)):
+        with pytest.raises(Built):
+            build.omniglot_problem(get_preset(name))
+        assert (seen["weight_init"], seen["norm_eps"], seen["ways"]) == (init, eps, 5)

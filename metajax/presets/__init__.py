@@ -164,14 +164,15 @@ def _second_wave_presets() -> dict[str, tuple[Config, str]]:
             dataclasses.replace(omniglot[5, 1], algorithm="imaml", inner_steps=16,
                                 eval_inner_steps=16, inner_lr=0.1, lam=2.0, cg_steps=5,
                                 cg_damping=1.0, lam_damping=10.0, inner_problem="released",
-                                eval_lam=0.0, adam_eps=1e-3),
+                                eval_lam=0.0, adam_eps=1e-3, weight_init="imaml",
+                                norm_eps=1e-5),
             f"iMAML as {released_code}: Omniglot 5-way 1-shot, 16 plain SGD steps of 0.1 on "
             "the support loss, then one step of 0.1 on the proximal term (lambda 2); "
             f"{released_backward}; outer Adam 1e-3 with eps 1e-3, meta-batch 32; evaluation "
-            "with lambda 0 (16 free steps of 0.1). Differences: tasks drawn afresh each "
-            "step (the released code trains on a fixed pool of 5,000), MAML's data split and "
-            "Conv4 (the released network initialises with Xavier gain 1.73 and biases "
-            "U(0, 0.05), batch-norm eps 1e-5).",
+            "with lambda 0 (16 free steps of 0.1); the released network's initialisation "
+            "(Xavier gain 1.73, biases U(0, 0.05)) and batch-norm eps 1e-5. Differences: "
+            "tasks drawn afresh each step (the released code trains on a fixed pool of "
+            "5,000), MAML's data split, and no conv biases (batch norm cancels them).",
         ),
         "omniglot-20w1s-imaml": (
             dataclasses.replace(omniglot[20, 1], algorithm="imaml", inner_steps=25,
@@ -233,5 +234,18 @@ PRESETS.update(_second_wave_presets())
 def get_preset(name: str) -> Config:
     """The configuration of preset ``name``, or :class:`ConfigError` listing the valid ones."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+        from metajax.presets.continual import CONTINUAL_PRESETS
+
+        if name in CONTINUAL_PRESETS:
+            raise ConfigError(f"{name!r} is a continual preset: run `metajax continual {name}`")
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}"
+                          + _suggest(name, PRESETS))
     return dataclasses.replace(PRESETS[name][0], preset=name)
+
+
+def _suggest(name: str, names) -> str:
+    """``"; did you mean 'x'?"`` naming the presets closest to ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""

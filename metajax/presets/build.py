@@ -112,7 +112,8 @@ def omniglot_problem(config: Config) -> Problem:
     arrays = load_omniglot(config.data_dir or None)
     splits = omniglot_splits(arrays, config.split)
     model = conv4_omniglot(config.ways, norm=config.norm, readout=config.readout,
-                           pooled=config.pooling, norm_eps=config.norm_eps)
+                           pooled=config.pooling, norm_eps=config.norm_eps,
+                           weight_init=config.weight_init)
     return classification_problem(config, splits, model)
 
 
@@ -123,7 +124,8 @@ def miniimagenet_problem(config: Config) -> Problem:
     images, _ = load_miniimagenet(config.data_dir or None)
     return classification_problem(
         config, images, conv4_miniimagenet(config.ways, norm=config.norm, readout=config.readout,
-                                           norm_eps=config.norm_eps)
+                                           norm_eps=config.norm_eps,
+                                           weight_init=config.weight_init)
     )
 
 

@@ -8,7 +8,7 @@ import dataclasses
 
 from metajax.data.omniglot import SPLIT_PROTOCOLS as OMNIGLOT_SPLITS
 from metajax.meta.imaml import INNER_PROBLEMS, INNER_SOLVERS
-from metajax.nn.conv4 import NORMS, READOUTS
+from metajax.nn.conv4 import INITS, NORMS, READOUTS
 from metajax.nn.precision import COMPUTE_DTYPES
 from metajax.train.config import ConfigError, FlatConfig
 
@@ -76,6 +76,8 @@ class Config(FlatConfig):
         reference network) instead of MAML's stride-2 convolutions.
       norm_eps: the Conv4 normalisation's epsilon (1e-3 as the MAML reference; 1e-5 as
         PyTorch's default in the MAML++ and iMAML references).
+      weight_init: Conv4 initialisation, ``glorot`` (Glorot-uniform, the MAML reference) or
+        ``imaml`` (iMAML's released network: Xavier-uniform gain 1.73, biases U(0, 0.05)).
       readout: Conv4 features for the head, ``flatten`` (every position; iMAML's released
         code) or ``mean`` (averaged over positions; the MAML reference for Omniglot).
       split: Omniglot protocol, ``maml`` (1,200 training characters with rotations) or
@@ -150,6 +152,7 @@ class Config(FlatConfig):
     readout: str = "flatten"
     pooling: bool = False
     norm_eps: float = 1e-3
+    weight_init: str = "glorot"
     grad_clip_norm: float = 0.0
     on_nan: str = "stop"
     checkpoint_every: int = 0
@@ -185,6 +188,7 @@ class Config(FlatConfig):
                 "outer_lr_schedule": SCHEDULES,
                 "norm": NORMS,
                 "readout": READOUTS,
+                "weight_init": INITS,
                 "inner_solver": INNER_SOLVERS,
                 "inner_problem": INNER_PROBLEMS,
                 "on_nan": ON_NAN,
@@ -220,6 +224,48 @@ class Config(FlatConfig):
         if self.outer_lr_schedule != "constant":
             return tuple(k for k in self.RUN_CONTROL if k != "steps")
         return self.RUN_CONTROL
+
+    def field_notes(self) -> dict[str, str]:
+        """What the fields holding a "same as" / "none" value (0, -1, empty) resolve to, and
+        the fields this configuration's algorithm or data set does not read, by field name:
+        what ``metajax presets NAME`` prints beside them."""
+        notes = {}
+        if not self.eval_inner_steps:
+            notes["eval_inner_steps"] = f"0: inner_steps, {self.inner_steps}"
+        if not self.eval_every:
+            notes["eval_every"] = "0: only at the end"
+        if not self.time_budget_s:
+            notes["time_budget_s"] = "0: no time limit"
+        if not self.grad_clip_norm:
+            notes["grad_clip_norm"] = "0: no clipping"
+        if not self.checkpoint_every:
+            notes["checkpoint_every"] = "0: by time only"
+        if not self.devices:
+            notes["devices"] = "0: the most visible devices that divide meta_batch_size"
+        if not self.data_dir:
+            notes["data_dir"] = "empty: $METAJAX_DATA_DIR, else the user cache"
+        if self.algorithm == "imaml" and self.eval_lam == -1.0:
+            notes["eval_lam"] = f"-1: lam, {self.lam:g}"
+        unused = []
+        if self.dataset == "sinusoid":
+            unused += ["ways", "split", "norm", "readout", "pooling", "norm_eps", "weight_init"]
+        else:
+            unused += ["hidden", "layers"]
+        if self.dataset != "omniglot":
+            unused += ["split", "pooling"]
+        if self.algorithm != "imaml":
+            unused += ["lam", "cg_steps", "cg_damping", "lam_damping", "inner_solver",
+                       "inner_problem", "eval_lam"]
+        if self.algorithm != "mamlpp":
+            unused += ["msl", "lslr", "bnwb", "iters_per_epoch", "msl_anneal_epochs",
+                       "first_order_epochs"]
+        if self.algorithm != "maml":
+            unused.append("remat")
+        if self.outer_optimizer != "adam":
+            unused.append("adam_eps")
+        for name in unused:
+            notes.setdefault(name, f"not used by {self.algorithm} on {self.dataset}")
+        return notes
 
     @property
     def test_inner_steps(self) -> int:

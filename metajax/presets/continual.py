@@ -50,6 +50,10 @@ from metajax.presets.build_continual import BENCHMARKS, LEARNERS, MODELS
 from metajax.presets.protocols import PROTOCOLS
 from metajax.train.config import ConfigError, FlatConfig
 
+SPLIT_OMNIGLOT_ALPHABETS = 50
+"""Tasks of ``split_omniglot`` when ``tasks`` is 0: Omniglot's alphabets (30 background, 20
+evaluation)."""
+
 SWEEPABLE: tuple[str, ...] = ("lr", "memory_strength", "ridge", "beta", "gamma", "alpha_init",
                                "lr_eta", "outer_lr")
 """The :class:`ContinualConfig` fields a ``sweep`` may vary: plain numbers the learners take
@@ -101,9 +105,13 @@ class ContinualConfig(FlatConfig):
         current task began.
       grad_clip_norm: La-MAML family: clip both meta-gradients to this norm (0: no clipping).
       clip_inner_rates: La-MAML and Sync: inner steps with ``max(alpha, 0)``.
-      tasks: tasks of the stream (0: the protocol's), counted before ``cv_tasks`` are removed.
+      tasks: tasks of the stream built (0, the default: the protocol's count, e.g. 20;
+        negative values are refused), counted *before* the ``cv_tasks`` held out: A-GEM's
+        protocol holds out its first 3, so ``tasks=8`` runs and reports 5 and ``tasks=5``
+        runs 2 (the command line says so when ``tasks`` is set; ``metajax presets NAME`` and
+        ``--dry-run`` print the count run). A value that leaves no task to run is refused.
       cv_tasks: leading tasks left out of the run (reserved for hyper-parameter search, as
-        A-GEM's protocol); -1: the protocol's.
+        A-GEM's protocol); -1: the protocol's (3 for ``agem_permuted_mnist``, else 0).
       train_per_task: training examples per task (0: the protocol's); for
         ``split_omniglot``, training drawings per character (default 15 of 20).
       test_per_task: test examples per task (0: the protocol's).
@@ -200,7 +208,94 @@ class ContinualConfig(FlatConfig):
         self.sweep_settings()  # checks the grid
         if self.model == "conv4" and self.benchmark != "split_omniglot":
             raise ConfigError("model=conv4 needs image inputs: use benchmark=split_omniglot")
+        if self.benchmark == "split_omniglot" and self.tasks > SPLIT_OMNIGLOT_ALPHABETS:
+            raise ConfigError(f"tasks={self.tasks}: Omniglot has {SPLIT_OMNIGLOT_ALPHABETS} "
+                              "alphabets")
+        counts = self.task_counts()
+        if counts["cv_tasks"] >= counts["tasks"]:
+            raise ConfigError(
+                f"cv_tasks={counts['cv_tasks']} leaves none of the stream's {counts['tasks']} "
+                f"tasks to run: tasks counts the stream's tasks before the {counts['cv_tasks']} "
+                f"held out; set tasks to at least {counts['cv_tasks'] + 1}, or cv_tasks=0"
+            )
         return self
+
+    def task_counts(self) -> dict[str, int]:
+        """The stream's task counts as a run resolves them: ``tasks`` (the stream built:
+        :attr:`tasks`, or the protocol's count when it is 0), ``cv_tasks`` (its leading tasks
+        held out) and ``run`` (trained, evaluated and reported: the difference)."""
+        protocol = self.protocol
+        total = protocol["kwargs"].get("num_tasks", SPLIT_OMNIGLOT_ALPHABETS)
+        cv = protocol["cv_tasks"]
+        return {"tasks": total, "cv_tasks": cv, "run": max(total - cv, 0)}
+
+    def stream_description(self) -> str:
+        """The resolved stream in words: how many tasks are built, held out and run, and
+        which of these counts are the protocol's."""
+        counts = self.task_counts()
+        origin = "the protocol's" if not self.tasks else f"tasks={self.tasks}"
+        text = f"{counts['tasks']} tasks ({origin})"
+        if counts["cv_tasks"]:
+            held = "the protocol's" if self.cv_tasks < 0 else f"cv_tasks={self.cv_tasks}"
+            text += (f", the first {counts['cv_tasks']} held out for hyper-parameter search "
+                     f"({held}): {counts['run']} run and reported")
+        else:
+            text += ", all run and reported"
+        protocol = self.protocol
+        return text + (f"; {protocol['epochs']} epoch(s), batch {protocol['batch_size']}")
+
+    def field_notes(self) -> dict[str, str]:
+        """What the fields holding a "the protocol's" / "none" value (0, -1, empty) resolve
+        to, by field name: what ``metajax presets NAME`` prints beside them."""
+        protocol, counts = self.protocol, self.task_counts()
+        kwargs = protocol["kwargs"]
+        notes = {}
+        if not self.tasks:
+            notes["tasks"] = f"0: the protocol's, {counts['tasks']}"
+        if self.cv_tasks < 0:
+            notes["cv_tasks"] = f"-1: the protocol's, {counts['cv_tasks']}"
+        if self.tasks or counts["cv_tasks"]:
+            notes.setdefault("tasks", f"{counts['tasks']}")
+            notes["tasks"] += (f"; {counts['run']} run after the {counts['cv_tasks']} held out"
+                               if counts["cv_tasks"] else "; all run")
+        if not self.train_per_task:
+            if self.benchmark == "split_omniglot":
+                notes["train_per_task"] = "0: 15 training drawings per character (of 20)"
+            else:
+                rows = kwargs.get("train_per_task")
+                held = kwargs.get("validation_size")
+                every = "every training image" + (
+                    f" but the {held} of the validation split" if held else "")
+                notes["train_per_task"] = (f"0: the protocol's, {every}" if rows is None
+                                           else f"0: the protocol's, {rows}")
+        if not self.test_per_task:
+            if self.benchmark == "split_omniglot":
+                notes["test_per_task"] = "0: the drawings train_per_task leaves"
+            else:
+                rows = kwargs.get("test_per_task")
+                notes["test_per_task"] = ("0: the protocol's, every test image" if rows is None
+                                          else f"0: the protocol's, {rows}")
+        if not self.batch_size:
+            notes["batch_size"] = f"0: the protocol's, {protocol['batch_size']}"
+        if not self.epochs:
+            notes["epochs"] = f"0: the protocol's, {protocol['epochs']}"
+        if not self.memory_per_task and self.learner in ("agem", "gem"):
+            notes["memory_per_task"] = (f"0: memory // tasks run = "
+                                        f"{max(1, self.memory // max(counts['run'], 1))}")
+        if not self.lca_batches:
+            notes["lca_batches"] = "0: no LCA"
+        if not self.data_dir:
+            notes["data_dir"] = "empty: $METAJAX_DATA_DIR, else the user cache"
+        if not self.devices:
+            notes["devices"] = "0: the most visible devices that divide the runs"
+        if not self.sweep:
+            notes["sweep"] = "empty: no sweep"
+        for name, learners in _READ_BY.items():
+            if self.learner not in learners:
+                notes.setdefault(name, f"not used by {self.learner}")
+        if self.learner in ("agem", "gem") and self.memory_per_task:
+            notes.setdefault("memory", "not used: memory_per_task is set")
+        return notes
 
     def sweep_settings(self) -> list[dict[str, float]]:
         """The settings of :attr:`sweep`, every combination of its values (the first key
@@ -260,6 +355,32 @@ class ContinualConfig(FlatConfig):
         if self.test_per_task and self.benchmark != "split_omniglot":
             kwargs["test_per_task"] = self.test_per_task
         return base
+
+_FAMILY = ("cmaml", "sync", "lamaml")
+_READ_BY: dict[str, tuple[str, ...]] = {
+    # field: the learners whose builder (build_continual.LEARNERS) reads it
+    "lr": ("finetune", "er", "agem", "gem", "mer"),
+    "memory": ("er", "agem", "gem", "mer", *_FAMILY),
+    "memory_per_task": ("agem", "gem"),
+    "replay_batch": ("er", "mer", *_FAMILY),
+    "ref_batch": ("agem",),
+    "memory_layout": ("agem",),
+    "ref_sampling": ("agem",),
+    "memory_strength": ("gem",),
+    "ridge": ("gem",),
+    "beta": ("mer",),
+    "gamma": ("mer",),
+    "batches_per_example": ("mer",),
+    "alpha_init": _FAMILY,
+    "lr_eta": ("sync", "lamaml"),
+    "outer_lr": ("cmaml", "sync"),
+    "glances": _FAMILY,
+    "first_order": _FAMILY,
+    "multi_step_loss": _FAMILY,
+    "replay_past_tasks": _FAMILY,
+    "grad_clip_norm": _FAMILY,
+    "clip_inner_rates": _FAMILY,
+}
 
 _LAMAML_SCRIPTS = {
     # benchmark: {variant: settings of the authors' run_experiments.sh}
@@ -394,8 +515,12 @@ CONTINUAL_PRESETS: dict[str, tuple[ContinualConfig, str]] = {
 def get_continual_preset(name: str) -> ContinualConfig:
     """The configuration of continual preset ``name``, or :class:`ConfigError` listing them."""
     if name not in CONTINUAL_PRESETS:
+        from metajax.presets import PRESETS, _suggest
+
+        if name in PRESETS:
+            raise ConfigError(f"{name!r} is a meta-learning preset: run `metajax train {name}`")
         raise ConfigError(
             f"unknown continual preset {name!r}; valid presets: "
-            f"{', '.join(sorted(CONTINUAL_PRESETS))}"
+            f"{', '.join(sorted(CONTINUAL_PRESETS))}" + _suggest(name, CONTINUAL_PRESETS)
         )
     return dataclasses.replace(CONTINUAL_PRESETS[name][0], preset=name)

@@ -6,6 +6,7 @@ and :class:`metajax.presets.continual.ContinualConfig`."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -85,7 +86,8 @@ class FlatConfig:
                 raise ConfigError(f"--set expects key=value, got {pair!r}")
             if key not in fields:
                 raise ConfigError(
-                    f"unknown --set key {key!r}; valid keys: {', '.join(sorted(fields))}"
+                    f"unknown --set key {key!r}{did_you_mean(key, fields)}; valid keys: "
+                    f"{', '.join(sorted(fields))}"
                 )
             changes[key] = parse_value(key, _field_type(type(self), fields[key]), raw.strip())
         return dataclasses.replace(self, **changes)
@@ -134,9 +136,54 @@ class FlatConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown configuration keys {unknown}")
         try:
-            return cls(**data).validate()
+            return cls.from_mapping(data).validate()
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The configuration's field names (the ``--set`` keys), in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, data: dict, base: FlatConfig | None = None):
+        """``base`` (default: the schema's defaults) with the fields of ``data`` replaced.
+
+        Integers given for float fields become floats (a file's ``inner_lr = 1`` is the
+        ``1.0`` a preset holds, with the same :meth:`fingerprint`). Types are checked
+        (:meth:`check_types`), ranges are not: call ``validate`` once every override is in.
+
+        Raises:
+          ConfigError: a key that is not a field (naming the closest one), or a value whose
+            type the field does not take.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in fields:
+                raise ConfigError(f"unknown configuration key {key!r}"
+                                  f"{did_you_mean(key, fields)}")
+        changes = {}
+        for key, value in data.items():
+            if _field_type(cls, fields[key]) is float and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                try:
+                    value = float(value)
+                except OverflowError:
+                    raise ConfigError(f"{key}={value} is not a finite float32 number "
+                                      f"(|x| <= {FLOAT32_MAX:.4g})") from None
+            changes[key] = value
+        config = dataclasses.replace(base if base is not None else cls(), **changes)
+        config.check_types()
+        return config
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` naming the choices closest to ``name``, or ``""`` when none
+    is close."""
+    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)"
 
 
 def _field_type(cls: type, field: dataclasses.Field) -> type:
