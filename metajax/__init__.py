@@ -7,7 +7,7 @@ Public API, flat::
     grads, metrics = learner.meta_grad(meta_params, mj.Task(support, query))
 """
 
-from metajax import continual, inner, task_map
+from metajax import continual, data, inner, task_map
 from metajax.meta import (
     MAMLPlusPlusParams,
     MetaSGDParams,
@@ -45,6 +45,7 @@ __all__ = [
     "backtracking_descent",
     "conjugate_gradient",
     "continual",
+    "data",
     "head_mask",
     "imaml",
     "implicit_proximal_solver",
