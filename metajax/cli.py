@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a configuration field (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard event files to RUN_DIR/tensorboard "
+                            '(needs pip install "metajax[tensorboard]")')
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its latest checkpoint (a new run "
                        "when --out holds none); --steps (unless the outer learning rate "
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="S",
                       help="seconds to wait for the coordinator and the other processes "
                       "(300)")
+
+    plot = sub.add_parser("plot", help="remake a run directory's plots (curves, heatmaps)")
+    plot.add_argument("run_dir", type=Path,
+                      help="a directory written by `metajax train` or `metajax continual`")
 
     evaluate = sub.add_parser("evaluate", help="test a trained run on new tasks")
     evaluate.add_argument("run_dir", type=Path, help="a directory written by `metajax train`")
@@ -149,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="KEY=VALUE",
                            help="override a configuration field (repeatable)")
     continual.add_argument("--no-progress", action="store_true", help="no progress bar")
+    continual.add_argument("--tensorboard", action="store_true",
+                           help="also write TensorBoard event files to RUN_DIR/tensorboard "
+                                '(needs pip install "metajax[tensorboard]")')
     continual.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                            help="train every value of a hyper-parameter (repeatable: every "
                            "combination) with every seed at once, vmapped; the summary gives "
@@ -481,9 +491,21 @@ def _train_locked(args, config: Config, run_dir: Path, mesh=None) -> int:
         _log(f"training {config.preset}: {config.algorithm} on {config.dataset}, "
              f"{config.steps} meta-steps{where} -> {run_dir}")
     summary = train(config, problem, learner, build_optimizer(config), run_dir, mesh=mesh,
-                    progress=not args.no_progress, resume=resume, log=_log)
+                    progress=not args.no_progress, resume=resume, log=_log,
+                    tensorboard=args.tensorboard)
     if main:
         print(dumps(summary))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    """Remake a run directory's plots; print their paths, then one JSON line."""
+    from metajax.plots import plot_run
+
+    paths = plot_run(args.run_dir)
+    for path in paths:
+        print(path)
+    print(dumps({"run_dir": str(args.run_dir), "plots": [str(p) for p in paths]}))
     return 0
 
 
@@ -613,7 +635,7 @@ def _continual_locked(args, config, run_dir: Path, mesh=None, notices=()) -> int
         _log(message)
 
     summary = run_experiment(config, run_dir, progress=not args.no_progress, resume=resume,
-                             log=log, mesh=mesh)
+                             log=log, mesh=mesh, tensorboard=args.tensorboard)
     print(dumps(summary))
     return 0
 
@@ -738,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "continual":
             return _cmd_continual(args)
+        if args.command == "plot":
+            return _cmd_plot(args)
         return _cmd_evaluate(args)
     except NonFiniteLoss as err:
         return _fail(str(err))

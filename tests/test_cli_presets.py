@@ -291,7 +291,7 @@ def test_task_notices_come_with_the_runs_first_line(capsys, tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_run(config, run_dir, *, progress, resume, log, mesh):
+    def fake_run(config, run_dir, *, progress, resume, log, mesh, tensorboard=False):
         seen["config"] = config
         log("stub run")
         return {"tasks": config.task_counts()["run"]}

@@ -25,7 +25,6 @@ from metajax.presets.build_continual import (
 )
 from metajax.presets.continual import CONTINUAL_PRESETS, ContinualConfig, get_continual_preset
 from metajax.train.config import ConfigError
-from metajax.train.continual import save_heatmap
 from metajax.types import Stream
 
 SMALL = ["--set", "tasks=3", "--set", "train_per_task=20", "--set", "test_per_task=10",
@@ -209,18 +208,6 @@ def test_agem_protocol_holds_out_its_first_three_tasks(fake_mnist):
     assert stream.train_y.shape[1] == 1000  # 6,000 images less A-GEM's 5,000 validation ones
     np.testing.assert_array_equal(stream.train_x, full.train_x[3:])
     np.testing.assert_array_equal(stream.test_y, full.test_y[3:])
-
-
-def test_heatmap_colours_follow_the_values(tmp_path):
-    R = np.array([[1.0, 0.0], [0.5, 1.0]])
-    path = tmp_path / "h.png"
-    save_heatmap(R, path, title="t")
-    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    # Cells are 48 px from (60, 40); sample a corner of each cell, away from the digits.
-    high, low = image[40 + 2, 60 + 2], image[40 + 2, 60 + 48 + 2]
-    assert high[1] > 200 and high[2] < 100  # yellow
-    assert low[0] < 100 and low[2] > 60 and low[1] < 20  # dark purple
-    assert not np.array_equal(image[40 + 48 + 2, 60 + 2], high)
 
 
 def _real_data_dir() -> Path:

@@ -210,12 +210,14 @@ def run_experiment(
     resume: bool = False,
     log: Callable[[str], None] | None = None,
     mesh: Any = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Build ``config``'s stream, model and learner, train, and write ``run_dir``
     (:func:`metajax.train.continual.train_continual`: the files, the checkpoints and the
     summary). With ``resume``, continue after the latest task checkpoint in ``run_dir``,
     which must be of a configuration with the same :meth:`~ContinualConfig.fingerprint`.
-    With a ``mesh`` the seeds are spread over its devices."""
+    With a ``mesh`` the seeds are spread over its devices; with ``tensorboard``, event files
+    are written to ``run_dir/tensorboard`` as well."""
     from metajax.train.continual import train_continual
 
     config.validate()
@@ -236,5 +238,5 @@ def run_experiment(
         config_json=config.to_json(), fingerprint=config.fingerprint(),
         labels={"preset": config.preset, "learner": config.learner,
                 "benchmark": config.benchmark},
-        progress=progress, resume=resume, log=log, mesh=mesh,
+        progress=progress, resume=resume, log=log, mesh=mesh, tensorboard=tensorboard,
     )

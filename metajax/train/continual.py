@@ -13,9 +13,13 @@ runs :func:`metajax.continual.run` and writes the run directory:
   each after its checkpoint, so an interrupted run keeps what it measured;
 - ``acc_matrix.json``: the accuracy matrix (per seed with several seeds) and the initial
   accuracies;
-- ``acc_matrix.png``: a heatmap of the (seed-averaged) accuracy matrix;
 - ``metrics.json``: every metric of :func:`metajax.continual.metrics` (mean, std and per seed
-  with several seeds), the wall time, the learner's training metrics per task.
+  with several seeds), the wall time, the learner's training metrics per task;
+- ``acc_matrix.png`` and ``task_curves.png``: the (seed-averaged) accuracy matrix as a
+  heatmap and the accuracy on each task after each task (:func:`metajax.plots.plot_run`; a
+  sweep: one per setting). A plot that fails only warns;
+- with ``tensorboard``, ``tensorboard/``: TensorBoard event files of the same figures
+  (:class:`~metajax.train.logging.TensorBoardLog`).
 
 Every file is strict JSON: a non-finite number is written as ``null`` (with a
 ``<key>_nonfinite`` sibling naming it), never as a bare ``NaN``. Nothing here knows an
@@ -38,17 +42,29 @@ import numpy as np
 from metajax._files import atomic_write
 from metajax.continual.learners import ContinualLearner
 from metajax.continual.run import NonFiniteTask, run
+from metajax.plots import write_plots
 from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints
 from metajax.train.config import ConfigError
-from metajax.train.logging import append_jsonl, dumps, to_jsonable, truncate_jsonl
+from metajax.train.logging import (
+    TensorBoardLog,
+    append_jsonl,
+    dumps,
+    progress_bar,
+    require_tensorboard,
+    to_jsonable,
+    truncate_jsonl,
+)
 from metajax.train.loop import CONFIG_FILE, Interrupted, StopSignals
 from metajax.types import Stream
 
 TASKS_FILE = "tasks.jsonl"
 MATRIX_FILE = "acc_matrix.json"
 HEATMAP_FILE = "acc_matrix.png"
+TASK_CURVES_FILE = "task_curves.png"
 SUMMARY_FILE = "metrics.json"
-RESULT_FILES = (MATRIX_FILE, HEATMAP_FILE, SUMMARY_FILE)
+RESULT_FILES = (MATRIX_FILE, HEATMAP_FILE, TASK_CURVES_FILE, SUMMARY_FILE)
+#: The summary figures logged to TensorBoard (tags ``summary/<name>``).
+SUMMARY_SCALARS = ("avg_accuracy", "forgetting", "bwt", "fwt", "lca")
 #: Decimals kept for every float in the run files (accuracies are exact to far fewer).
 DIGITS = 6
 
@@ -78,6 +94,7 @@ def train_continual(
     mesh: Any = None,
     settings: list[dict[str, float]] | None = None,
     log: Callable[[str], None] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train ``learner`` on ``stream`` task after task and write ``run_dir``.
 
@@ -118,11 +135,19 @@ def train_continual(
         ``config_json``); a checkpoint of another fingerprint is not resumed.
       labels: ``preset``, ``learner`` and ``benchmark`` names, copied into the summary and
         the heatmap title (missing ones are left out).
-      progress: show a progress bar over tasks.
+      progress: show a progress bar over tasks (on a terminal only; its ETA leaves out the
+        first task, which compiles).
       resume: continue from the latest checkpoint in ``run_dir`` (from task 0 when there is
         none).
       keep_checkpoints: how many of the latest task checkpoints to keep.
       log: called with one-line reports (the run, a resume, a signal).
+      tensorboard: also write TensorBoard event files in ``run_dir/tensorboard/`` (needs
+        ``tensorboardX``): after each task ``t`` (step ``t``), the seed-mean accuracy on
+        every task j (``accuracy/task_<j>``) and over the tasks so far
+        (``accuracy/mean_so_far``); at step ``tasks``, the summary figures
+        (``summary/avg_accuracy``, ``forgetting``, ``bwt``, ``fwt``, ``lca``). A sweep logs
+        each setting under ``setting_<k>/``. A resumed run appends, hiding what an earlier
+        attempt logged after its checkpoint.
 
     Returns:
       The summary printed by ``metajax continual``: ``avg_accuracy`` (ACC, La-MAML's RA),
@@ -139,6 +164,8 @@ def train_continual(
     """
     labels = dict(labels or {})
     say = log or (lambda message: None)
+    if tensorboard:
+        require_tensorboard()  # before anything of the run is written
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if fingerprint is None:
@@ -167,6 +194,7 @@ def train_continual(
             say(f"metajax: no checkpoint in {run_dir}: starting from task 0")
             truncate_jsonl(tasks_path, "task", -1)
             _write_text(run_dir / CONFIG_FILE, config_json)
+            open_board(None)
             return None
         where = checkpoints.directory / str(latest)
         carry, record = checkpoints.restore(latest, template)
@@ -185,6 +213,7 @@ def train_continual(
             say(f"metajax: {run_dir} holds all {num_tasks} tasks: writing its results again")
         else:
             say(f"metajax: resuming {run_dir} after task {latest} of {num_tasks}")
+        open_board(latest)
         return latest, carry
 
     start = time.perf_counter()
@@ -193,10 +222,16 @@ def train_continual(
         return wall_before + time.perf_counter() - start
 
     bar = None
-    if progress:
-        from tqdm import tqdm
+    board = None
+    runs_per_setting = seeds if settings else None
 
-        bar = tqdm(total=num_tasks, desc="tasks", unit="task")
+    def open_board(after: int | None) -> None:
+        nonlocal board, bar
+        if tensorboard and board is None:
+            board = TensorBoardLog(run_dir, purge_step=None if after is None else after + 1)
+        if progress and bar is None:
+            done = 0 if after is None else after + 1
+            bar = progress_bar(num_tasks, desc="tasks", unit="task", initial=done)
 
     def on_task_state(t: int, carry: dict) -> None:
         wall = round(elapsed(), 3)
@@ -208,9 +243,10 @@ def train_continual(
                   "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), DIGITS),
                   "wall_s": wall}
         append_jsonl(tasks_path, record)
+        if board is not None:
+            _log_task(board, t, row, runs_per_setting)
         if bar is not None:
-            bar.set_postfix(acc=f"{record['mean_acc_so_far']:.4f}")
-            bar.update(1)
+            bar.update(1, acc=f"{record['mean_acc_so_far']:.4f}")
         if stop.signum is not None and t < num_tasks - 1:
             raise Interrupted(
                 f"interrupted by {signal.Signals(stop.signum).name} after task {t} of "
@@ -224,6 +260,8 @@ def train_continual(
         seed_list = [s for _ in settings for s in range(seeds)]
         per_run = {name: [setting[name] for setting in settings for _ in range(seeds)]
                    for name in settings[0]}
+    if not resume:
+        open_board(None)
     try:
         with StopSignals("task") as stop:
             try:
@@ -246,17 +284,46 @@ def train_continual(
             devices = 1 if mesh is None or seed_list is None else int(mesh.size)
             summary = _write_results(result, run_dir, stream, seed_list, seeds, labels,
                                      elapsed(), resumed_after, devices, settings)
+            if board is not None:
+                _log_summary(board, num_tasks, summary)
     finally:
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
         checkpoints.close()
+    write_plots(run_dir)
     return summary
+
+
+def _log_task(board: TensorBoardLog, t: int, row: np.ndarray, per_setting: int | None) -> None:
+    """TensorBoard scalars of task ``t``'s accuracy row (``[T]`` or ``[runs, T]``): the
+    seed mean on each task and over tasks ``0..t``, per setting of a sweep."""
+    row = np.asarray(row, np.float64)
+    runs = row[None] if row.ndim == 1 else row
+    groups = [runs] if per_setting is None else \
+        [runs[k:k + per_setting] for k in range(0, len(runs), per_setting)]
+    width = len(str(runs.shape[1] - 1))
+    for k, group in enumerate(groups):
+        mean = group.mean(axis=0)
+        values = {f"accuracy/task_{j:0{width}d}": v for j, v in enumerate(mean)}
+        values["accuracy/mean_so_far"] = float(mean[: t + 1].mean())
+        board.scalars(t, values, prefix="" if per_setting is None else f"setting_{k}/")
+
+
+def _log_summary(board: TensorBoardLog, num_tasks: int, summary: dict) -> None:
+    """The run's summary figures at step ``num_tasks`` (one past the last task), and each
+    sweep setting's under ``setting_<k>/``."""
+    board.scalars(num_tasks, {k: summary.get(k) for k in SUMMARY_SCALARS}, prefix="summary/")
+    for k, entry in enumerate(summary.get("sweep") or []):
+        board.scalars(num_tasks, {name: entry.get(name) for name in SUMMARY_SCALARS},
+                      prefix=f"setting_{k}/summary/")
 
 
 def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
                    labels: dict, wall: float, resumed_after: int | None,
                    devices: int = 1, settings: list[dict] | None = None) -> dict[str, Any]:
-    """Write ``acc_matrix.json``, the heatmap and ``metrics.json``; return the summary."""
+    """Write ``acc_matrix.json`` and ``metrics.json``; return the summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
     _write_text(run_dir / MATRIX_FILE, dumps(to_jsonable({
@@ -265,9 +332,6 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
         "rows": "after training task i", "columns": "accuracy on task j",
         "seeds": seed_list or [None],
     }, DIGITS)) + "\n")
-    save_heatmap(mean_R, run_dir / HEATMAP_FILE,
-                 title=f"{labels.get('preset', 'custom')}: {labels.get('learner', '')}, "
-                       f"ACC {mean_R[-1].mean():.3f}")
     names = ("acc", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca",
              "bwt_over_T", "fwt_over_T")
     summary: dict[str, Any] = {
@@ -312,46 +376,3 @@ def _sweep_summary(per_run: list[dict], settings: list[dict], seeds: int) -> lis
                 entry.setdefault("std", {})[key] = float(values.std())
         out.append(entry)
     return out
-
-
-def save_heatmap(matrix: np.ndarray, path: str | Path, *, title: str = "") -> None:
-    """Write the accuracy matrix as a PNG heatmap (rows: after training task i; columns:
-    task j), with values printed in the cells when they fit. Uses Pillow only."""
-    from PIL import Image, ImageDraw
-
-    R = np.asarray(matrix, np.float64)
-    T = R.shape[0]
-    cell = max(8, min(48, 960 // max(T, 1)))
-    margin_left, margin_top = 60, 40
-    width = max(margin_left + T * cell + 10, 7 * len(title) + 10)
-    height = margin_top + T * cell + 30
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 8), title, fill="black")
-    for i in range(T):
-        for j in range(T):
-            v = float(np.clip(R[i, j], 0.0, 1.0))
-            color = _viridis(v)
-            x0, y0 = margin_left + j * cell, margin_top + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=color)
-            if cell >= 32:
-                ink = "black" if v > 0.6 else "white"
-                draw.text((x0 + 3, y0 + cell // 3), f"{100 * R[i, j]:.0f}", fill=ink)
-    draw.text((4, margin_top), "after\ntask i", fill="black")
-    draw.text((margin_left, margin_top + T * cell + 8), "accuracy on task j ->", fill="black")
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
-_VIRIDIS = np.array([
-    [68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
-    [31, 158, 137], [53, 183, 121], [109, 205, 89], [180, 222, 44], [253, 231, 37],
-], np.float64)
-
-
-def _viridis(v: float) -> tuple[int, int, int]:
-    position = v * (len(_VIRIDIS) - 1)
-    low = int(np.floor(position))
-    high = min(low + 1, len(_VIRIDIS) - 1)
-    mix = position - low
-    rgb = (1 - mix) * _VIRIDIS[low] + mix * _VIRIDIS[high]
-    return tuple(int(round(c)) for c in rgb)

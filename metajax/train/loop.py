@@ -27,7 +27,14 @@ from metajax._files import atomic_write
 from metajax.task_map import map_tasks, sharded_map
 from metajax.train.checkpoint import CHECKPOINT_DIR, Checkpoints, save_params
 from metajax.train.config import ConfigError
-from metajax.train.logging import append_jsonl, progress_bar, read_jsonl, truncate_jsonl
+from metajax.train.logging import (
+    TensorBoardLog,
+    append_jsonl,
+    progress_bar,
+    read_jsonl,
+    require_tensorboard,
+    truncate_jsonl,
+)
 from metajax.train.parallel import (
     is_main_process,
     mesh_record,
@@ -289,14 +296,22 @@ def train(
     progress: bool = True,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train ``learner`` on ``problem`` for ``config.steps`` meta-steps, logging to ``run_dir``.
 
     ``run_dir`` receives ``config.json``, ``metrics.jsonl`` (one line per chunk of
-    ``config.log_every`` steps, plus validation lines), ``meta_params.msgpack`` (the portable
-    export, written at every checkpoint) and ``checkpoints/`` (the whole training state,
-    :class:`~metajax.train.checkpoint.Checkpoints`); with a held-out validation split also
-    ``best_meta_params.msgpack``, the parameters of the best validation score.
+    ``config.log_every`` steps, plus validation lines; each with ``wall_s``, the seconds of
+    training so far, earlier attempts of a resumed run included), ``meta_params.msgpack``
+    (the portable export, written at every checkpoint) and ``checkpoints/`` (the whole
+    training state, :class:`~metajax.train.checkpoint.Checkpoints`); with a held-out
+    validation split also ``best_meta_params.msgpack``, the parameters of the best
+    validation score. At the end, ``curves.png`` plots the meta-training loss and the
+    validation metric against steps and wall time (:func:`metajax.plots.plot_run`; a plot
+    that fails only warns). With ``tensorboard``, ``tensorboard/`` receives the same figures
+    as TensorBoard event files (tags ``train/<metric>`` and ``val/<metric>``;
+    :class:`~metajax.train.logging.TensorBoardLog`, which needs ``tensorboardX``). The
+    progress bar (``progress``) shows on a terminal only.
 
     Checkpoints are written every ``config.checkpoint_every`` steps and every
     ``config.checkpoint_seconds`` seconds (at the end of the chunk where either falls due),
@@ -331,6 +346,8 @@ def train(
       ``processes``, the counts used.
     """
     main = is_main_process()
+    if tensorboard and main:
+        require_tensorboard()  # before anything of the run is written
     say = log or (lambda message: print(message, file=sys.stderr))
     if not main:
         say = lambda message: None  # noqa: E731 - process 0 speaks for the run
@@ -395,9 +412,12 @@ def train(
         nonlocal best, best_params
         values = evaluate(meta_params, k_val, config.eval_tasks, config.shots,
                           config.eval_queries, config.test_inner_steps, "val")
-        record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"]}
+        record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"],
+                  "wall_s": round(elapsed(), 3)}
         if main:
             append_jsonl(metrics_path, record)
+        if board is not None:
+            board.scalars(step, {metric: record[f"val_{metric}"]}, prefix="val/")
         score = record[f"val_{metric}"]
         if problem.has_validation and np.isfinite(score) and (
             best is None or (score > best if higher_is_better else score < best)
@@ -439,13 +459,17 @@ def train(
         return bool(config.time_budget_s) and elapsed() > config.time_budget_s
 
     last, val_record = _last_records(metrics_path, metric) if resume else ({}, {})
+    # A resumed run appends to the event files, hiding what an earlier attempt logged after
+    # the checkpoint (metrics.jsonl was cut back the same way).
+    board = (TensorBoardLog(run_dir, purge_step=step + 1 if latest is not None else None)
+             if tensorboard and main else None)
     start = last_save = time.perf_counter()
     last_save_step = step
     validated_at = val_record.get("step")
     try:
-        with progress_bar(config.steps, enabled=progress and main) as bar, \
+        with progress_bar(config.steps, enabled=progress and main, initial=step,
+                          budget_s=config.time_budget_s, spent_s=wall_before) as bar, \
                 StopSignals("chunk") as stop:
-            bar.update(min(step, config.steps))
             # A resumed run whose budget was spent before trains nothing more; otherwise the
             # budget is checked after each chunk (so at least one chunk runs).
             spent = bool(config.time_budget_s) and wall_before > config.time_budget_s
@@ -485,9 +509,11 @@ def train(
                     last["skipped_steps"] = skipped
                 if main:
                     append_jsonl(metrics_path, last)
-                bar.update(length)
-                if metrics["meta_loss"] is not None:
-                    bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}")
+                if board is not None:
+                    board.scalars(step, {k: v for k, v in last.items()
+                                         if k not in ("step", "wall_s")}, prefix="train/")
+                shown = metrics["meta_loss"]
+                bar.update(length, **({} if shown is None else {"meta_loss": f"{shown:.4f}"}))
                 score = None
                 if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                     val_record = validate(step)
@@ -513,10 +539,14 @@ def train(
                 finish()
     finally:
         checkpoints.close()
+        if board is not None:
+            board.close()
     wall = time.perf_counter() - start
+    if main:
+        _write_plots(run_dir)
     return {
         **{k: v for k, v in last.items() if k != "wall_s"},
-        **{k: v for k, v in val_record.items() if k != "step"},
+        **{k: v for k, v in val_record.items() if k not in ("step", "wall_s")},
         "run_dir": str(run_dir),
         "stopped_by_time_budget": step < config.steps,
         "skipped_steps": skipped,
@@ -526,6 +556,13 @@ def train(
         "devices": mesh_record(mesh)["devices"],
         "processes": jax.process_count(),
     }
+
+
+def _write_plots(run_dir: Path) -> None:
+    """The run's plots (:func:`metajax.plots.write_plots`, which never raises)."""
+    from metajax.plots import write_plots
+
+    write_plots(run_dir)
 
 
 def _barrier(name: str) -> None:

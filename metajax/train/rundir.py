@@ -207,7 +207,7 @@ def check_kind(run_dir: str | os.PathLike, kind: str, record: dict | None) -> No
 # Every file a run writes through atomic_write; a killed write leaves NAME.XXXXXXXX.tmp.
 RUN_FILES = ("config.json", RUN_FILE, "metrics.jsonl", "tasks.jsonl", "meta_params.msgpack",
              "best_meta_params.msgpack", "acc_matrix.json", "acc_matrix.png", "metrics.json",
-             "evaluations.jsonl")
+             "evaluations.jsonl", "curves.png", "task_curves.png")
 _NAMES = "|".join(map(re.escape, RUN_FILES))
 _LEFTOVER = re.compile(rf"^({_NAMES})\.[A-Za-z0-9_]+\.tmp$")
 
@@ -245,17 +245,18 @@ def has_progress(run_dir: str | os.PathLike) -> bool:
 
 def remove_new_run_files(run_dir: str | os.PathLike, before: set[str]) -> None:
     """Remove the run files a start wrote before it failed, so that the corrected command
-    starts cleanly: only the names in :data:`RUN_FILES` (and ``checkpoints/``) that were not
-    in ``before`` (the directory's names when the start began). Call it only when
-    :func:`has_progress` is False, holding the lock."""
+    starts cleanly: only the names in :data:`RUN_FILES` (and the folders ``checkpoints/``
+    and ``tensorboard/``) that were not in ``before`` (the directory's names when the start
+    began). Call it only when :func:`has_progress` is False, holding the lock."""
     run_dir = Path(run_dir)
     for name in RUN_FILES:
         path = run_dir / name
         if name not in before and path.is_file():
             path.unlink(missing_ok=True)
-    checkpoints = run_dir / "checkpoints"
-    if "checkpoints" not in before and checkpoints.is_dir():
-        import shutil
+    import shutil
 
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    for folder in ("checkpoints", "tensorboard"):
+        path = run_dir / folder
+        if folder not in before and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
     remove_leftovers(run_dir)
