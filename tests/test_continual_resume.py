@@ -105,7 +105,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert json.loads((a / "acc_matrix.json").read_text()) == \
         json.loads((b / "acc_matrix.json").read_text())
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
-    for key in ("acc", "bwt", "forgetting", "fwt", "lca", "lca_curve", "train_metrics"):
+    for key in ("avg_accuracy", "bwt", "forgetting", "fwt", "lca", "lca_curve", "train_metrics"):
         assert ma[key] == mb[key], key
     lines = [[{k: v for k, v in json.loads(x).items() if k != "wall_s"}
               for x in (d / "tasks.jsonl").read_text().splitlines()] for d in (a, b)]
@@ -161,7 +161,7 @@ def test_run_resumed_from_a_carry_equals_the_uninterrupted_run_bit_for_bit():
         assert np.array_equal(full["train_metrics"][name], resumed["train_metrics"][name])
     for a, b in zip(jax.tree.leaves(carries[2]), jax.tree.leaves(final[2]), strict=True):
         assert np.array_equal(a, b)  # params, memory, keys, step counter
-    assert full["acc"] == resumed["acc"] and full["bwt"] == resumed["bwt"]
+    assert full["avg_accuracy"] == resumed["avg_accuracy"] and full["bwt"] == resumed["bwt"]
 
     with pytest.raises(ValueError, match="last finished task"):
         run(learner, stream, jax.random.PRNGKey(3), resume_from=(3, carries[2]), **kwargs)

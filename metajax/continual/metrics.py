@@ -6,11 +6,13 @@
 
 - ACC, average accuracy (Lopez-Paz and Ranzato, 2017, "Gradient Episodic Memory for
   Continual Learning"; Chaudhry et al., 2019, "Efficient Lifelong Learning with A-GEM"):
-  ``ACC = 1/T sum_j R[T-1, j]``. La-MAML's retained accuracy RA (Gupta et al., 2020,
+  ``ACC = 1/T sum_j R[T-1, j]``, key ``"avg_accuracy"`` here, in ``metajax continual``'s
+  summary and in ``metrics.json``. La-MAML's retained accuracy RA (Gupta et al., 2020,
   "La-MAML: Look-ahead Meta Learning for Continual Learning") is the same number.
 - BWT, backward transfer (GEM): ``BWT = 1/(T-1) sum_{j<T-1} (R[T-1, j] - R[j, j])``;
   negative when learning later tasks hurt earlier ones. La-MAML's backward transfer and
-  interference BTI is the same quantity (its script averages it over ``T``, see below).
+  interference BTI is the same quantity (its script averages it over ``T``, see below);
+  one key, ``"bwt"``, holds it.
 - FWT, forward transfer (GEM): ``FWT = 1/(T-1) sum_{j>0} (R[j-1, j] - b_j)`` with ``b_j``
   the accuracy on task ``j`` of the model at its random initialisation.
 - Forgetting (A-GEM; Chaudhry et al., 2018, "Riemannian Walk for Incremental Learning"):
@@ -73,8 +75,8 @@ def metrics(acc_matrix, *, random_init_acc=None, lca_curve=None) -> dict[str, fl
         ``"lca"``, ``LCA_beta`` with ``beta`` the number of columns minus one.
 
     Returns:
-      A dict of Python floats: ``"acc"``, ``"ra"`` (same value), and when ``T >= 2``
-      ``"bwt"``, ``"bti"`` (same value), ``"bwt_over_T"`` (GEM's and La-MAML's scripts'
+      A dict of Python floats: ``"avg_accuracy"`` (ACC; La-MAML's RA), and when ``T >= 2``
+      ``"bwt"`` (La-MAML's BTI), ``"bwt_over_T"`` (GEM's and La-MAML's scripts'
       average over all ``T`` tasks, ``(T-1)/T * bwt``), ``"forgetting"`` (A-GEM's, from the
       best earlier accuracy) and ``"forgetting_since_learned"`` (from ``R[j, j]``,
       ``= -bwt``); plus ``"fwt"`` and ``"fwt_over_T"`` (``T >= 2``) and ``"lca"`` when their
@@ -89,14 +91,12 @@ def metrics(acc_matrix, *, random_init_acc=None, lca_curve=None) -> dict[str, fl
         )
     T = R.shape[0]
     final = R[T - 1]
-    out = {"acc": float(final.mean())}
-    out["ra"] = out["acc"]
+    out = {"avg_accuracy": float(final.mean())}
     if T >= 2:
         earlier = np.arange(T - 1)
         drop_since_learned = R[earlier, earlier] - final[:-1]
         best_before_last = R[: T - 1, : T - 1].max(axis=0)
         out["bwt"] = float(-drop_since_learned.mean())
-        out["bti"] = out["bwt"]
         out["bwt_over_T"] = float(-drop_since_learned.sum() / T)
         out["forgetting"] = float((best_before_last - final[:-1]).mean())
         out["forgetting_since_learned"] = float(drop_since_learned.mean())

@@ -332,10 +332,10 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
         "rows": "after training task i", "columns": "accuracy on task j",
         "seeds": seed_list or [None],
     }, DIGITS)) + "\n")
-    names = ("acc", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca",
+    names = ("avg_accuracy", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca",
              "bwt_over_T", "fwt_over_T")
     summary: dict[str, Any] = {
-        "avg_accuracy": result["acc"],
+        "avg_accuracy": result["avg_accuracy"],
         "forgetting": result.get("forgetting"),
         "bwt": result.get("bwt"),
         "fwt": result.get("fwt"),
@@ -345,10 +345,7 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
         "fwt_over_T": result.get("fwt_over_T"),
     }
     if seed_list is not None:
-        summary["std"] = {
-            ("avg_accuracy" if k == "acc" else k): v
-            for k, v in result["std"].items() if k in names
-        }
+        summary["std"] = {k: v for k, v in result["std"].items() if k in names}
     summary.update({"acc_matrix": mean_R, "tasks": stream.num_tasks, "seeds": seeds})
     if settings:
         summary["sweep"] = _sweep_summary(result["per_seed"], settings, seeds)
@@ -368,7 +365,7 @@ def _sweep_summary(per_run: list[dict], settings: list[dict], seeds: int) -> lis
     for i, setting in enumerate(settings):
         runs = per_run[i * seeds:(i + 1) * seeds]
         entry: dict[str, Any] = {"setting": setting}
-        for name, key in (("acc", "avg_accuracy"), ("forgetting", "forgetting"),
+        for name, key in (("avg_accuracy", "avg_accuracy"), ("forgetting", "forgetting"),
                           ("bwt", "bwt"), ("fwt", "fwt"), ("lca", "lca")):
             if name in runs[0] and runs[0][name] is not None:
                 values = np.array([r[name] for r in runs], np.float64)
