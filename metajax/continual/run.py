@@ -171,9 +171,9 @@ def run(
       A dict with ``"acc_matrix"`` (numpy ``[T, T]``), ``"random_init_acc"`` (``[T]``),
       ``"lca_curve"`` (``[T, beta + 1]``, with ``lca_batches``), ``"train_metrics"`` (each
       learner metric averaged over each task's updates, ``[T]``) and every key of
-      :func:`metajax.continual.metrics` (``avg_accuracy``, ``bwt``, ``forgetting``, ``fwt``, ``lca``,
-      ...). With ``seeds``, arrays gain a leading ``[len(seeds)]`` axis, the metric keys hold
-      the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one metrics
+      :func:`metajax.continual.metrics` (``avg_accuracy``, ``bwt``, ``forgetting``, ``fwt``,
+      ``lca``, ...). With ``seeds``, arrays gain a leading ``[len(seeds)]`` axis, the metric
+      keys hold the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one metrics
       dict per seed and ``"seeds"`` the seeds.
     """
     if not isinstance(stream, Stream):
