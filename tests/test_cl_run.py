@@ -9,6 +9,7 @@ import pytest
 
 from metajax.continual.er import er
 from metajax.continual.learners import cross_entropy_loss, finetune
+from metajax.continual.metrics import metrics
 from metajax.continual.run import run
 from metajax.types import Stream
 
@@ -91,6 +92,10 @@ def test_seeds_run_batched_and_each_equals_its_own_run():
     assert batched["seeds"] == [3, 5] and len(batched["per_seed"]) == 2
     per_seed_acc = [m["avg_accuracy"] for m in batched["per_seed"]]
     assert batched["avg_accuracy"] == pytest.approx(np.mean(per_seed_acc))
+    of_mean = metrics(batched["acc_matrix"].mean(axis=0),
+                      random_init_acc=batched["random_init_acc"].mean(axis=0))
+    assert batched["of_mean_matrix"] == pytest.approx(of_mean)
+    assert batched["std"]["avg_accuracy"] == pytest.approx(np.std(per_seed_acc))
     assert batched["train_metrics"]["loss"].shape == (2, 3)
     single = run(cl, SMALL, jax.random.fold_in(KEY, 5), **kwargs)
     np.testing.assert_allclose(single["acc_matrix"], batched["acc_matrix"][1], atol=1 / 50)

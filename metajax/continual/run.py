@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from metajax._checks import check_int
 from metajax.continual.learners import ContinualLearner
 from metajax.continual.metrics import metrics as summarize
+from metajax.continual.metrics import metrics_over_seeds
 from metajax.task_map import check_divisible, check_task_map, map_tasks
 from metajax.types import PyTree, Stream
 
@@ -173,8 +174,10 @@ def run(
       learner metric averaged over each task's updates, ``[T]``) and every key of
       :func:`metajax.continual.metrics` (``avg_accuracy``, ``bwt``, ``forgetting``, ``fwt``,
       ``lca``, ...). With ``seeds``, arrays gain a leading ``[len(seeds)]`` axis, the metric
-      keys hold the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one metrics
-      dict per seed and ``"seeds"`` the seeds.
+      keys hold the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one
+      metrics dict per seed, ``"of_mean_matrix"`` the metrics of the seed-averaged matrix
+      (A-GEM's way of reporting forgetting; :func:`metajax.continual.metrics_over_seeds`)
+      and ``"seeds"`` the seeds.
     """
     if not isinstance(stream, Stream):
         raise TypeError(f"stream must be a metajax.continual.Stream, got {type(stream).__name__}")
@@ -383,17 +386,11 @@ def run(
     if seeds is None:
         out.update(summarize(R, random_init_acc=baseline, lca_curve=lca_curve))
         return out
-    per_seed = [
-        summarize(
-            R[i], random_init_acc=baseline[i], lca_curve=None if lca_curve is None else lca_curve[i]
-        )
-        for i in range(len(seeds))
-    ]
-    for name in per_seed[0]:
-        values = np.array([m[name] for m in per_seed])
-        out[name] = float(values.mean())
-        out.setdefault("std", {})[name] = float(values.std())
-    out["per_seed"] = per_seed
+    over = metrics_over_seeds(R, random_init_acc=baseline, lca_curve=lca_curve)
+    out.update(over["mean"])
+    out["std"] = over["std"]
+    out["per_seed"] = over["per_seed"]
+    out["of_mean_matrix"] = over["of_mean_matrix"]
     out["seeds"] = seeds
     return out
 
