@@ -1,7 +1,7 @@
 """Train few-shot presets under one wall-clock budget each, test them, print the table.
 
-    python benchmarks/fewshot.py --arms maml imaml mamlpp --budget-s 3600 \\
-        --data-dir ../shared/data --out runs/bench-fewshot
+    python benchmarks/fewshot.py --arms maml imaml mamlpp-fit --budget-s 3600 \\
+        --data-dir ~/data --out runs/bench-fewshot
 
 Every arm is ``metajax train PRESET --set time_budget_s=BUDGET [--set ...]`` followed by
 ``metajax evaluate RUN --tasks 600`` (the best validation checkpoint, the arm's test inner
@@ -12,16 +12,15 @@ the same preset, overrides and budget is not run again, so an interrupted table 
 
 Arms (``--arms``; ``metajax presets`` describes the presets):
 
-- ``maml``, ``imaml``, ``mamlpp``: ``omniglot-5w1s-{maml,imaml,mamlpp}`` as published
-  (``mamlpp`` with its schedules counted in 500-step epochs, so a short budget never leaves
-  its first-order phase);
-- ``mamlpp-fit``: MAML++ with its 150-epoch schedules compressed into ``--mamlpp-steps``
-  meta-steps (MSL annealed over the first 1/15, first order for the first third, cosine
-  meta-lr over the whole), all five techniques on;
+- ``maml``, ``imaml``, ``mamlpp``: ``omniglot-5w1s-{maml,imaml,mamlpp}`` as they are;
+- ``mamlpp-fit``: MAML++ with its epoch-counted schedules compressed into ``--mamlpp-steps``
+  meta-steps (an epoch of ``--mamlpp-steps // 150`` steps), all five techniques on;
 - ``mamlpp-fit-no-{msl,da,lslr,bnwb,ca}``: the same with one technique off (DA off means
   second order throughout; CA off a constant meta-lr): the ablation table.
 
-``--ways 20`` runs the 20-way 1-shot presets instead.
+``--ways 20`` runs the 20-way 1-shot presets instead. ``--budget-s`` defaults to an hour
+per arm (the budget of the tables in ``benchmarks/RESULTS.md``); ``--table-only`` prints the
+table of the arms already in ``--jsonl`` and trains nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +46,19 @@ ABLATIONS = {
     "bnwb": ["bnwb=false"],
     "ca": ["outer_lr_schedule=constant"],
 }
+
+
+#: Every arm ``--arms`` accepts, in the order of the docstring.
+ARMS: tuple[str, ...] = ("maml", "imaml", "mamlpp", "mamlpp-fit",
+                         *(f"mamlpp-fit-no-{t}" for t in ABLATIONS))
+ARMS_HELP = "\n".join([
+    "arms:",
+    "  maml, imaml, mamlpp   the omniglot-{5,20}w1s presets as they are",
+    "  mamlpp-fit            MAML++ with its schedules compressed into --mamlpp-steps",
+    f"  mamlpp-fit-no-{{{','.join(ABLATIONS)}}}",
+    "                        mamlpp-fit with one technique off: the ablation table",
+])
+DEFAULT_BUDGET_S = 3600.0
 
 
 def arm_settings(arm: str, ways: int, mamlpp_steps: int) -> tuple[str, list[str]]:
@@ -105,19 +117,28 @@ def table(lines: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", nargs="+", required=True, help="arms to run (see above)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=ARMS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--arms", nargs="+", required=True, metavar="ARM",
+                        help="arms to run, one or more of: " + " ".join(ARMS))
     parser.add_argument("--ways", type=int, choices=(5, 20), default=5)
-    parser.add_argument("--budget-s", type=float, required=True,
-                        help="training wall-clock budget of every arm (seconds)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="training wall-clock budget of every arm, in seconds "
+                             f"(default {DEFAULT_BUDGET_S:g}: one hour)")
     parser.add_argument("--mamlpp-steps", type=int, default=6000,
                         help="meta-steps the mamlpp-fit arms compress their schedules into")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="extra override for every arm (repeatable)")
     parser.add_argument("--tasks", type=int, default=600, help="test tasks per arm")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-fewshot"))
-    parser.add_argument("--jsonl", type=Path, default=Path("benchmarks/results/fewshot.jsonl"))
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset folder (default: $METAJAX_DATA_DIR, else the user cache)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-fewshot"),
+                        help="folder of the arms' run directories")
+    parser.add_argument("--jsonl", type=Path, default=Path("benchmarks/results/fewshot.jsonl"),
+                        help="results file: one JSON line per finished arm")
     parser.add_argument("--table-only", action="store_true", help="print the table, run nothing")
     args = parser.parse_args(argv)
     try:
