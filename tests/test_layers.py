@@ -62,7 +62,8 @@ RULES = {
            ("metajax.continual", "metajax.meta", "metajax.train", "metajax.presets",
             "metajax.data", "metajax.cli")),
     "shared": (layer_files("types.py") + layer_files("task_map.py") + layer_files("_tree.py")
-               + layer_files("_checks.py") + layer_files("_files.py"),
+               + layer_files("_checks.py") + layer_files("_files.py")
+               + layer_files("evaluation.py"),
               ("metajax.continual", "metajax.meta", "metajax.train", "metajax.presets",
                "metajax.data", "metajax.nn", "metajax.cli")),
 }

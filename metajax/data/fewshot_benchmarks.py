@@ -337,7 +337,7 @@ class FewShot:
             evaluate = fs.evaluator(learner, inner_steps=3)
             print(evaluate(meta_params, jax.random.PRNGKey(1)))  # {'mean': ..., 'ci95': ...}
         """
-        from metajax.train.loop import make_evaluator, mean_ci95
+        from metajax.evaluation import make_evaluator, mean_ci95
 
         self.split(split)
         num_tasks = check_int("num_tasks", num_tasks)
