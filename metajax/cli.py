@@ -697,6 +697,10 @@ def _dry_run_train(args) -> int:
 
 def _dry_run(args, kind: str, config, notices: list[str], count_devices: bool = True) -> int:
     """Check what a run of ``config`` would start from and print it; writes nothing."""
+    if getattr(args, "tensorboard", False):
+        from metajax.train.logging import require_tensorboard
+
+        require_tensorboard()
     if count_devices:
         from metajax.train.parallel import choose_devices
 

@@ -102,3 +102,41 @@ def test_a_failed_start_removes_the_tensorboard_folder_it_made(tmp_path):
     (tmp_path / "tensorboard").mkdir()
     remove_new_run_files(tmp_path, before={"mine.txt", "tensorboard"})
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_dry_run_checks_that_tensorboard_can_be_written(capsys, monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import now raises ImportError
+    status, _, err = _run(capsys, "train", "sinusoid-maml", "--dry-run", "--tensorboard",
+                          "--out", str(tmp_path / "r"))
+    assert status == 2 and 'pip install "metajax[tensorboard]"' in err
+    status, _, err = _run(capsys, "train", "sinusoid-maml", "--dry-run", "--out",
+                          str(tmp_path / "r"))
+    assert status == 0, err
+
+
+def test_runs_written_before_a_field_existed_keep_their_fingerprint():
+    """A checkpoint written before ``weight_init`` (or before the iMAML/MAML++ protocol
+    fields) existed carries the hash without them; it stays resumable while they hold their
+    defaults, and only then."""
+    import dataclasses
+    import hashlib
+
+    from metajax.presets import get_preset
+
+    def old_hash(config, dropped):
+        fields = {k: v for k, v in dataclasses.asdict(config).items()
+                  if k not in config.run_control() and k not in dropped}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    config = get_preset("omniglot-5w1s-maml")
+    newest = {"weight_init"}
+    earlier = newest | {"inner_problem", "eval_lam", "adam_eps", "pooling", "norm_eps"}
+    assert config.fingerprints() == {config.fingerprint(), old_hash(config, newest),
+                                     old_hash(config, earlier)}
+    assert len(config.fingerprints()) == 3
+    released = get_preset("omniglot-5w1s-imaml-released")  # weight_init="imaml": new only
+    assert released.fingerprints() == {released.fingerprint()}
+    pooled = dataclasses.replace(config, pooling=True)      # no run before pooling had it
+    assert pooled.fingerprints() == {pooled.fingerprint(), old_hash(pooled, newest)}

@@ -176,8 +176,8 @@ def run(
       ``lca``, ...). With ``seeds``, arrays gain a leading ``[len(seeds)]`` axis, the metric
       keys hold the mean over seeds, ``"std"`` their standard deviations, ``"per_seed"`` one
       metrics dict per seed, ``"of_mean_matrix"`` the metrics of the seed-averaged matrix
-      (A-GEM's way of reporting forgetting; :func:`metajax.continual.metrics_over_seeds`)
-      and ``"seeds"`` the seeds.
+      (A-GEM's way of reporting forgetting; :func:`metajax.continual.metrics_over_seeds`;
+      not with ``settings``, whose runs differ) and ``"seeds"`` the seeds.
     """
     if not isinstance(stream, Stream):
         raise TypeError(f"stream must be a metajax.continual.Stream, got {type(stream).__name__}")
@@ -390,7 +390,8 @@ def run(
     out.update(over["mean"])
     out["std"] = over["std"]
     out["per_seed"] = over["per_seed"]
-    out["of_mean_matrix"] = over["of_mean_matrix"]
+    if settings is None:  # across a sweep's settings a mean matrix would mix learners
+        out["of_mean_matrix"] = over["of_mean_matrix"]
     out["seeds"] = seeds
     return out
 

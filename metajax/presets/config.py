@@ -108,6 +108,11 @@ class Config(FlatConfig):
 
     RUN_CONTROL = ("steps", "time_budget_s", "data_dir", "on_nan", "checkpoint_every",
                    "checkpoint_seconds", "keep_checkpoints", "devices")
+    LATER_FIELDS = (
+        (("weight_init", "glorot"),),
+        (("inner_problem", "proximal"), ("eval_lam", -1.0), ("adam_eps", 1e-8),
+         ("pooling", False), ("norm_eps", 1e-3)),
+    )
 
     preset: str = "custom"
     dataset: str = "sinusoid"

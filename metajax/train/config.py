@@ -35,6 +35,11 @@ class FlatConfig:
     """
 
     RUN_CONTROL: tuple[str, ...] = ()
+    # Fields added after runs were already written, newest first: each entry is one
+    # generation of ``(field, default)`` pairs. A run written before a generation existed
+    # was fingerprinted without its fields, so :meth:`fingerprints` also accepts the hash
+    # that leaves them out while they hold those defaults (the result is the same).
+    LATER_FIELDS: tuple[tuple[tuple[str, object], ...], ...] = ()
 
     def check_types(self) -> None:
         """Raise :class:`ConfigError` when a field's value does not have the field's type."""
@@ -104,8 +109,25 @@ class FlatConfig:
 
     def fingerprint(self) -> str:
         """A hash of every field that changes the run's result (all but :meth:`run_control`)."""
+        return self._hash(set())
+
+    def fingerprints(self) -> set[str]:
+        """:meth:`fingerprint` and the fingerprints the same configuration had before the
+        fields of :attr:`LATER_FIELDS` existed (each generation left out in turn, while its
+        fields hold their defaults): what a checkpoint of this run may carry."""
+        out, omitted = {self.fingerprint()}, set()
+        values = dataclasses.asdict(self)
+        for generation in self.LATER_FIELDS:
+            if any(values[name] != default for name, default in generation):
+                break
+            omitted |= {name for name, _ in generation}
+            out.add(self._hash(omitted))
+        return out
+
+    def _hash(self, omitted: set[str]) -> str:
         control = self.run_control()
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in control}
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in control and k not in omitted}
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

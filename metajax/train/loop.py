@@ -297,8 +297,8 @@ def train(
       ``processes``, the counts used.
     """
     main = is_main_process()
-    if tensorboard and main:
-        require_tensorboard()  # before anything of the run is written
+    if tensorboard:
+        require_tensorboard()  # on every process, before anything of the run is written
     say = log or (lambda message: print(message, file=sys.stderr))
     if not main:
         say = lambda message: None  # noqa: E731 - process 0 speaks for the run
@@ -318,6 +318,9 @@ def train(
     if not resume and main:  # a new run: nothing of an earlier one may be resumed or preferred
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         (run_dir / BEST_PARAMS_FILE).unlink(missing_ok=True)
+        (run_dir / "curves.png").unlink(missing_ok=True)  # an earlier run's plot
+        if not tensorboard:
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     _barrier("metajax-run-dir")
     checkpoints = Checkpoints(
         run_dir, keep=config.keep_checkpoints,
@@ -332,7 +335,7 @@ def train(
         template = {"meta_params": meta_params, "opt_state": opt_state, "key": k_train,
                     "best_params": best_params}
         state, record = checkpoints.restore(latest, template)
-        if record.get("fingerprint") != fingerprint:
+        if record.get("fingerprint") not in config.fingerprints():
             raise ConfigError(
                 f"{checkpoints.directory / str(latest)}: checkpoint of another configuration "
                 f"(fingerprint {record.get('fingerprint')}, this run {fingerprint}); choose "
