@@ -215,6 +215,7 @@ def test_sigint_saves_the_task_exits_130_and_resume_completes(fake_data, baselin
     assert done == list(range(len(done))) and 1 <= len(done) < TASKS
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == done[-1]  # the line of a task is written after its checkpoint
+    assert (out / "acc_matrix.png").stat().st_size > 0  # the tasks done so far, drawn
 
     assert main(["continual", PRESET, "--out", str(out), *SMALL, "--resume"]) == 0
     capsys.readouterr()

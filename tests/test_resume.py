@@ -240,6 +240,7 @@ def test_nonfinite_step_stops_the_run_and_saves_nothing_bad(tmp_path):
               log=lambda m: None)
     assert info.value.step == 17 and info.value.last_checkpoint == 15
     assert_no_nonfinite_saved(tmp_path, config, problem, learner)
+    assert (tmp_path / "curves.png").stat().st_size > 0  # drawn up to the stop
 
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):

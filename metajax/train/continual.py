@@ -286,6 +286,10 @@ def train_continual(
                                      elapsed(), resumed_after, devices, settings)
             if board is not None:
                 _log_summary(board, num_tasks, summary)
+    except (Interrupted, NonFiniteTask):
+        if (run_dir / TASKS_FILE).exists():  # the tasks done so far, drawn (never raises)
+            write_plots(run_dir)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -491,6 +491,11 @@ def train(
                     break
             if not finished:
                 finish()
+    except (Interrupted, NonFiniteLoss):
+        # The curves up to the stop are what one looks at next: draw them (never raises).
+        if main and metrics_path.exists():
+            _write_plots(run_dir)
+        raise
     finally:
         checkpoints.close()
         if board is not None:
