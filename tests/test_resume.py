@@ -113,10 +113,15 @@ def test_resume_may_extend_the_run(tmp_path, capsys):
             "--set", "log_every=10", "--set", "eval_every=0", "--set", "meta_batch_size=5",
             "--set", "eval_tasks=4"]
     assert main([*base, "--steps", "20"]) == 0
-    capsys.readouterr()
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["wall_s"] == first["attempt_wall_s"]
     assert main([*base, "--steps", "40", "--resume"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["resumed_from"] == 20 and summary["step"] == 40
+    # wall_s counts both attempts, as metrics.jsonl does; attempt_wall_s this one only.
+    last_line = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert summary["wall_s"] >= last_line["wall_s"]
+    assert summary["wall_s"] > summary["attempt_wall_s"] > 0
     assert main(["train", "sinusoid-maml", "--no-progress", "--out", str(tmp_path / "long"),
                  "--set", "log_every=10", "--set", "eval_every=0", "--set", "meta_batch_size=5",
                  "--set", "eval_tasks=4", "--steps", "40"]) == 0

@@ -291,7 +291,9 @@ def train(
     decisions to stop (time budget, signals) and to checkpoint are taken by all at once.
 
     Returns:
-      The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s``, ``steps_per_s``,
+      The final summary: ``step``, ``meta_loss``, ``run_dir``, ``wall_s`` (seconds of
+      training over every attempt, as ``metrics.jsonl`` and the time budget count them),
+      ``attempt_wall_s`` (this call's), ``steps_per_s`` (this call's steps over its time),
       ``stopped_by_time_budget``, ``skipped_steps``, ``resumed_from`` (the step training
       started from), the last validation figure ``val_<metric>``, and ``devices`` and
       ``processes``, the counts used.
@@ -510,7 +512,8 @@ def train(
         "stopped_by_time_budget": step < config.steps,
         "skipped_steps": skipped,
         "resumed_from": resumed_from,
-        "wall_s": round(wall, 2),
+        "wall_s": round(wall_before + wall, 2),  # all attempts, as metrics.jsonl counts
+        "attempt_wall_s": round(wall, 2),
         "steps_per_s": round((step - resumed_from) / wall, 1) if wall > 0 else None,
         "devices": mesh_record(mesh)["devices"],
         "processes": jax.process_count(),
