@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -496,7 +497,9 @@ def train(
     except (Interrupted, NonFiniteLoss):
         # The curves up to the stop are what one looks at next: draw them (never raises).
         if main and metrics_path.exists():
-            _write_plots(run_dir)
+            with warnings.catch_warnings():  # the error is the message; a plot is a bonus
+                warnings.simplefilter("ignore")
+                _write_plots(run_dir)
         raise
     finally:
         checkpoints.close()
