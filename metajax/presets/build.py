@@ -16,6 +16,7 @@ import optax
 
 import metajax as mj
 from metajax.data import episodes, sinusoid
+from metajax.data.fewshot_benchmarks import classification_loss
 from metajax.meta.mamlpp import norm_mask
 from metajax.nn.conv4 import conv4_miniimagenet, conv4_omniglot
 from metajax.nn.mlp import MLP
@@ -76,13 +77,7 @@ def classification_problem(
         except ValueError as err:
             raise ValueError(f"{config.dataset} {name} split: {err}") from None
 
-    apply = in_compute_dtype(model.apply, config.compute_dtype)
-
-    def loss_fn(params, batch):
-        x, y = batch
-        logits = apply(params, x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+    loss_fn = classification_loss(in_compute_dtype(model.apply, config.compute_dtype))
 
     def sample_tasks(key, num_tasks, shots, queries, split="train"):
         tasks = episodes.sample_episodes(key, images[split], num_tasks, config.ways, shots,
