@@ -79,9 +79,25 @@ def test_grid_of_two_keys_and_bad_sweeps():
                            ("lr=0,0.1", "lr must be > 0"),
                            ("lr", "expected name=v1,v2"),
                            ("lr=0.1;lr=0.2", "given twice"),
-                           ("lr=fast", "lr")]:
+                           ("lr=fast", "lr"),
+                           ("beta=0.1,0.3", "'beta' is not read by learner 'gem'.*read by mer")]:
         with pytest.raises(ConfigError, match=message):
             dataclasses.replace(config, sweep=sweep).validate()
+
+
+def test_every_sweepable_field_is_read_by_some_learner_and_only_there_sweeps():
+    from metajax.presets.continual import _READ_BY, SWEEPABLE
+
+    for name in SWEEPABLE:
+        assert _READ_BY[name], name
+        for learner in ("finetune", "er", "agem", "gem", "mer", "cmaml", "sync", "lamaml"):
+            config = dataclasses.replace(get_continual_preset("perm-mnist-er"),
+                                         learner=learner, sweep=f"{name}=0.1,0.2")
+            if learner in _READ_BY[name]:
+                assert len(config.sweep_settings()) == 2
+            else:
+                with pytest.raises(ConfigError, match="not read by"):
+                    config.sweep_settings()
 
 
 def test_cli_refuses_a_bad_sweep(capsys):

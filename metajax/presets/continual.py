@@ -57,8 +57,8 @@ evaluation)."""
 SWEEPABLE: tuple[str, ...] = ("lr", "memory_strength", "ridge", "beta", "gamma", "alpha_init",
                                "lr_eta", "outer_lr")
 """The :class:`ContinualConfig` fields a ``sweep`` may vary: plain numbers the learners take
-as traced values (step sizes and strengths); a field the chosen learner does not read gives
-identical runs."""
+as traced values (step sizes and strengths). A sweep over a field the chosen learner does
+not read is refused (its settings would all run the same)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +315,11 @@ class ContinualConfig(FlatConfig):
                                   "the program: run them as separate runs)")
             if name in grid:
                 raise ConfigError(f"sweep: {name!r} given twice")
+            readers = _READ_BY.get(name, ())
+            if self.learner not in readers:
+                raise ConfigError(
+                    f"sweep: {name!r} is not read by learner {self.learner!r}, so every "
+                    f"setting would run the same; it is read by {', '.join(readers)}")
             grid[name] = []
             for text in values.split(","):
                 one = dataclasses.replace(self, sweep="").with_overrides([f"{name}={text}"])
