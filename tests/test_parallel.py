@@ -187,3 +187,42 @@ def test_sharded_map_on_one_device_pads_and_drops_nothing():
     mesh = device_mesh(1)
     values = sharded_map(lambda x: x * 2.0, np.arange(5.0), mesh)
     np.testing.assert_array_equal(np.asarray(values), np.arange(5.0) * 2)
+
+
+def _free_port_in(low: int, high: int) -> int:
+    rng = np.random.default_rng()
+    for port in rng.permutation(np.arange(low, high + 1))[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return int(port)
+    pytest.skip(f"no free port in [{low}, {high}] for a SLURM-style coordinator")
+
+
+def test_distributed_reads_a_slurm_allocation_from_the_environment(tmp_path):
+    # Under `srun`, every task sees SLURM_* variables and `--distributed` lets
+    # jax.distributed.initialize() read the cluster from them: the coordinator is the first
+    # node of SLURM_STEP_NODELIST on the port 61440 + SLURM_JOB_ID % 4096. Two tasks on
+    # 127.0.0.1 must join and end at the single-process parameters.
+    one = tmp_path / "one"
+    (out, err), = _finish([_metajax([*TRAIN, "--out", str(one)], _env())], 300)
+    single = json.loads(out.strip().splitlines()[-1])
+    port = _free_port_in(61440, 65535)
+    slurm = {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1",
+             "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1"}
+    two = tmp_path / "two"
+    procs = [_metajax([*TRAIN, "--out", str(two), "--distributed",
+                       "--coordinator-timeout", "60"],
+                      _env({**slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}))
+             for i in (0, 1)]
+    outs = _finish(procs, 300)
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    joined = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert joined["processes"] == 2 and joined["devices"] == 2
+    assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]
+    assert joined["meta_loss"] == pytest.approx(single["meta_loss"], rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _params(two), _params(one))
