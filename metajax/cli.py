@@ -103,21 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a non-finite meta-step ends the run (stop, the default) or is "
                        "skipped and counted (skip); it is never applied")
     _device_arguments(train, "each meta-batch")
-    dist = train.add_argument_group(
-        "several processes (hosts)",
-        "join a multi-process run through jax.distributed: give all three, or --distributed "
-        "to read the cluster from the environment (SLURM, Cloud TPU, Open MPI, Kubernetes)")
-    dist.add_argument("--coordinator", metavar="HOST:PORT",
-                      help="address of process 0, which serves as the coordinator")
-    dist.add_argument("--num-processes", type=_positive_int, metavar="N",
-                      help="number of processes in the run")
-    dist.add_argument("--process-id", type=_non_negative_int, metavar="I",
-                      help="this process's index, 0 .. N-1")
-    dist.add_argument("--distributed", action="store_true",
-                      help="join a multi-process run described by the environment")
-    dist.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="S",
-                      help="seconds to wait for the coordinator and the other processes "
-                      "(300)")
+    _distributed_arguments(train)
 
     plot = sub.add_parser("plot", help="remake a run directory's plots (curves, heatmaps)")
     plot.add_argument("run_dir", type=Path,
@@ -164,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "combination) with every seed at once, vmapped; the summary gives "
                            "each setting's mean and spread")
     _device_arguments(continual, "the seeds")
+    _distributed_arguments(continual)
     continual.add_argument("--resume", action="store_true",
                            help="continue the run in --out at its next unfinished task (a "
                            "new run when --out holds none; a finished run writes its results "
@@ -182,6 +169,24 @@ def _start_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
                         help="check the configuration, the data directory, the devices and "
                         "--out, print the resolved configuration and exit; compiles, loads "
                         "and writes nothing")
+
+
+def _distributed_arguments(parser) -> None:
+    dist = parser.add_argument_group(
+        "several processes (hosts)",
+        "join a multi-process run through jax.distributed: give all three, or --distributed "
+        "to read the cluster from the environment (SLURM, Cloud TPU, Open MPI, Kubernetes)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0, which serves as the coordinator")
+    dist.add_argument("--num-processes", type=_positive_int, metavar="N",
+                      help="number of processes in the run")
+    dist.add_argument("--process-id", type=_non_negative_int, metavar="I",
+                      help="this process's index, 0 .. N-1")
+    dist.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run described by the environment")
+    dist.add_argument("--coordinator-timeout", type=float, default=300.0, metavar="S",
+                      help="seconds to wait for the coordinator and the other processes "
+                      "(300)")
 
 
 def _device_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -610,18 +615,28 @@ def _task_notices(args, config) -> list[str]:
 def _cmd_continual(args) -> int:
     config = _continual_config(args)
     if args.dry_run:
-        return _dry_run(args, "continual", config, _task_notices(args, config))
+        joining = _distributed_notices(args)
+        return _dry_run(args, "continual", config, _task_notices(args, config) + joining,
+                        count_devices=not joining)
+    _join(args)
     what = "seeds x sweep settings" if config.sweep else "seeds"
     mesh, count = _mesh(what, config.runs, config.devices)
     config = config.with_overrides([f"devices={count}"])
     run_dir = _run_dir(args.out, config.preset)
     notices = _task_notices(args, config)
-    return _locked(run_dir, "continual",
-                   lambda: _continual_locked(args, config, run_dir, mesh, notices))
+    body = lambda: _continual_locked(args, config, run_dir, mesh, notices)  # noqa: E731
+    import jax
+
+    if jax.process_index() != 0:  # process 0 holds the lock and speaks for the run
+        return body()
+    return _locked(run_dir, "continual", body)
 
 
 def _continual_locked(args, config, run_dir: Path, mesh=None, notices=()) -> int:
-    resume = _claim(run_dir, "continual", config, args.resume)
+    import jax
+
+    main = jax.process_index() == 0
+    resume = _shared_claim(lambda: _claim(run_dir, "continual", config, args.resume))
 
     from metajax.presets.build_continual import run_experiment
 
@@ -635,8 +650,10 @@ def _continual_locked(args, config, run_dir: Path, mesh=None, notices=()) -> int
         _log(message)
 
     summary = run_experiment(config, run_dir, progress=not args.no_progress, resume=resume,
-                             log=log, mesh=mesh, tensorboard=args.tensorboard)
-    print(dumps(summary))
+                             log=log if main else (lambda message: None), mesh=mesh,
+                             tensorboard=args.tensorboard)
+    if main:
+        print(dumps(summary))
     return 0
 
 
@@ -678,6 +695,13 @@ def _check_data(kind: str, config) -> list[dict]:
 
 def _dry_run_train(args) -> int:
     config = _train_config(args)
+    notices = _distributed_notices(args)
+    return _dry_run(args, "train", config, notices, count_devices=not notices)
+
+
+def _distributed_notices(args) -> list[str]:
+    """For a dry run: the distributed arguments checked (ConfigError when they do not fit)
+    and, for a multi-process run, the line saying devices are not counted."""
     trio = (args.coordinator, args.num_processes, args.process_id)
     notices = []
     if args.distributed or any(v is not None for v in trio):
@@ -692,7 +716,7 @@ def _dry_run_train(args) -> int:
                               "names the same)")
         notices.append("metajax: a multi-process run: the devices are counted once the "
                        "processes have joined, not in a dry run")
-    return _dry_run(args, "train", config, notices, count_devices=not notices)
+    return notices
 
 
 def _dry_run(args, kind: str, config, notices: list[str], count_devices: bool = True) -> int:

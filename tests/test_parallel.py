@@ -18,6 +18,7 @@ import flax.serialization
 import jax
 import numpy as np
 import pytest
+from test_train_continual import SMALL, fake_mnist  # noqa: F401 - a fixture
 
 from metajax.cli import main
 from metajax.task_map import check_divisible, sharded_map
@@ -226,3 +227,61 @@ def test_distributed_reads_a_slurm_allocation_from_the_environment(tmp_path):
     assert joined["meta_loss"] == pytest.approx(single["meta_loss"], rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  _params(two), _params(one))
+
+
+def _continual(args, env):
+    return subprocess.Popen([sys.executable, str(HERE / "continual_cli_worker.py"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def test_two_processes_run_a_continual_stream_as_one_and_resume(fake_mnist, tmp_path):  # noqa: F811
+    # Four seeds of ER on a 6-task Permuted MNIST: one process on one device, then two
+    # processes (one device each, two seeds each) joined on 127.0.0.1; the second run is
+    # stopped after its first task's checkpoint by SIGTERM to process 1 only, resumed by both,
+    # and must end with the accuracy matrix of the single process.
+    argv = ["continual", "perm-mnist-er", "--seeds", "4", *SMALL, "--set", "tasks=6"]
+    env = _env({"METAJAX_DATA_DIR": str(fake_mnist)})
+    (out, err), = _finish([_continual([*argv, "--out", str(tmp_path / "one")], env)], 300)
+    single = json.loads(out.strip().splitlines()[-1])
+    assert single["processes"] == 1
+
+    two = tmp_path / "two"
+
+    def both(extra, signal_after_task=None):
+        port = _free_port()
+        args = [*argv, "--out", str(two), *extra, "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", "2", "--coordinator-timeout", "60"]
+        procs = [_continual([*args, "--process-id", str(i)], env) for i in (0, 1)]
+        if signal_after_task is not None:
+            deadline = time.monotonic() + 240
+            tasks = two / "tasks.jsonl"
+            while not (tasks.is_file() and tasks.read_text().count("\n") > signal_after_task):
+                assert time.monotonic() < deadline, "no task finished in time"
+                assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+                time.sleep(0.05)
+            os.kill(procs[1].pid, signal.SIGTERM)
+        return procs, _finish(procs, 300)
+
+    procs, outs = both([], signal_after_task=0)
+    codes = [p.returncode for p in procs]
+    if codes == [0, 0]:
+        pytest.skip("the stream ended before the signal reached process 1 (too fast here)")
+    # Both stop after the same task, though only process 1 had the signal.
+    assert codes == [143, 143], (codes, outs[0][1][-2000:], outs[1][1][-2000:])
+    assert "interrupted by SIGTERM" in outs[0][1], outs[0][1][-2000:]
+    assert not (two / "metrics.json").exists()
+
+    procs, outs = both(["--resume"])
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]
+    joined = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert joined["processes"] == 2 and joined["devices"] == 2 and joined["seeds"] == 4
+    assert joined["resumed_after"] is not None
+    np.testing.assert_allclose(joined["acc_matrix"], single["acc_matrix"], atol=1e-6)
+    assert joined["avg_accuracy"] == pytest.approx(single["avg_accuracy"], abs=1e-6)
+    saved = json.loads((two / "acc_matrix.json").read_text())["acc_matrix"]
+    assert np.asarray(saved).shape == (4, 6, 6)
+    lines = (two / "tasks.jsonl").read_text().splitlines()
+    assert [json.loads(line)["task"] for line in lines] == list(range(6))  # once each

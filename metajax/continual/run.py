@@ -310,7 +310,13 @@ def run(
                                        out_specs=P(axis), check_vma=False)
             state, train_key, per_run = jax.device_put((state, train_key, per_run), by_seed)
             data = jax.device_put(data, whole)
-        init_eval, train_runs = jax.jit(init_eval), jax.jit(train_runs)
+            # What the host reads (accuracy rows, metrics, the finite flags) comes back whole
+            # on every device, so that each process of a multi-process run can read it; the
+            # learner state stays split by seed.
+            init_eval = jax.jit(init_eval, out_shardings=whole)
+            train_runs = jax.jit(train_runs, out_shardings=(by_seed, whole, whole, whole, whole))
+        else:
+            init_eval, train_runs = jax.jit(init_eval), jax.jit(train_runs)
 
         def train(state, data, task, keys):
             return train_runs(state, data, task, keys, per_run)

@@ -55,7 +55,7 @@ from metajax.train.logging import (
     to_jsonable,
     truncate_jsonl,
 )
-from metajax.train.loop import CONFIG_FILE, Interrupted, StopSignals
+from metajax.train.loop import CONFIG_FILE, Interrupted, StopSignals, _agree, _barrier
 from metajax.types import Stream
 
 TASKS_FILE = "tasks.jsonl"
@@ -164,21 +164,26 @@ def train_continual(
       ConfigError: with ``resume``, the checkpoint belongs to another configuration.
     """
     labels = dict(labels or {})
-    say = log or (lambda message: None)
+    # With several processes (jax.distributed), process 0 writes the files and speaks;
+    # every process trains its share of the seeds and writes the checkpoints with the others.
+    main = jax.process_index() == 0
+    say = (log or (lambda message: None)) if main else (lambda message: None)
     if tensorboard:
         require_tensorboard()  # before anything of the run is written
+    tensorboard, progress = tensorboard and main, progress and main
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if fingerprint is None:
         fingerprint = hashlib.sha256(config_json.encode()).hexdigest()[:16]
     num_tasks = stream.num_tasks
     tasks_path = run_dir / TASKS_FILE
-    if not resume:
+    if not resume and main:
         shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
         for name in RESULT_FILES:
             (run_dir / name).unlink(missing_ok=True)
         truncate_jsonl(tasks_path, "task", -1)
         _write_text(run_dir / CONFIG_FILE, config_json)
+    _barrier("metajax-continual-run-dir")  # the others start once process 0 has cleaned up
     say(f"{labels.get('preset', 'custom')}: {labels.get('learner', 'learner')} on "
         f"{labels.get('benchmark', 'stream')}, {num_tasks} tasks of "
         f"{stream.train_y.shape[1]} examples, {seeds} seed(s)"
@@ -193,8 +198,9 @@ def train_continual(
         latest = checkpoints.latest_step()
         if latest is None:
             say(f"metajax: no checkpoint in {run_dir}: starting from task 0")
-            truncate_jsonl(tasks_path, "task", -1)
-            _write_text(run_dir / CONFIG_FILE, config_json)
+            if main:
+                truncate_jsonl(tasks_path, "task", -1)
+                _write_text(run_dir / CONFIG_FILE, config_json)
             open_board(None)
             return None
         where = checkpoints.directory / str(latest)
@@ -208,8 +214,9 @@ def train_continual(
             raise ValueError(f"{where}: checkpoint of task {record.get('task')!r}, not of "
                              f"one of this stream's {num_tasks} tasks")
         resumed_after, wall_before = latest, float(record.get("wall_s") or 0.0)
-        truncate_jsonl(tasks_path, "task", latest)
-        _write_text(run_dir / CONFIG_FILE, config_json)  # only once the checkpoint is ours
+        if main:
+            truncate_jsonl(tasks_path, "task", latest)
+            _write_text(run_dir / CONFIG_FILE, config_json)  # only once the checkpoint is ours
         if latest == num_tasks - 1:
             say(f"metajax: {run_dir} holds all {num_tasks} tasks: writing its results again")
         else:
@@ -236,6 +243,8 @@ def train_continual(
 
     def on_task_state(t: int, carry: dict) -> None:
         wall = round(elapsed(), 3)
+        if jax.process_count() > 1:  # the seeds' states are split over the processes
+            carry = _gathered(carry)
         checkpoints.save(t, carry, {"task": t, "tasks": num_tasks, "seeds": seeds,
                                     "fingerprint": fingerprint, "wall_s": wall})
         row = np.asarray(carry["acc_rows"][t], np.float64)
@@ -243,16 +252,19 @@ def train_continual(
         record = {"task": t, "acc": to_jsonable(row, DIGITS),
                   "mean_acc_so_far": round(float(mean_row[: t + 1].mean()), DIGITS),
                   "wall_s": wall}
-        append_jsonl(tasks_path, record)
+        if main:
+            append_jsonl(tasks_path, record)
         if board is not None:
             _log_task(board, t, row, runs_per_setting)
         if bar is not None:
             bar.update(1, acc=f"{record['mean_acc_so_far']:.4f}")
-        if stop.signum is not None and t < num_tasks - 1:
+        # A signal to any process stops all of them after the same task.
+        (signum,) = _agree(stop.signum or 0)
+        if signum and t < num_tasks - 1:
             raise Interrupted(
-                f"interrupted by {signal.Signals(stop.signum).name} after task {t} of "
+                f"interrupted by {signal.Signals(signum).name} after task {t} of "
                 f"{num_tasks}; the checkpoint is saved: rerun with --resume to continue",
-                t, stop.signum,
+                t, signum,
             )
 
     seed_list = list(range(seeds)) if seeds > 1 or settings else None
@@ -284,11 +296,11 @@ def train_continual(
                 bar = None
             devices = 1 if mesh is None or seed_list is None else int(mesh.size)
             summary = _write_results(result, run_dir, stream, seed_list, seeds, labels,
-                                     elapsed(), resumed_after, devices, settings)
+                                     elapsed(), resumed_after, devices, settings, write=main)
             if board is not None:
                 _log_summary(board, num_tasks, summary)
     except (Interrupted, NonFiniteTask):
-        if (run_dir / TASKS_FILE).exists():  # the tasks done so far, drawn (never raises)
+        if main and (run_dir / TASKS_FILE).exists():  # the tasks done so far, drawn (never raises)
             with warnings.catch_warnings():  # the error is the message; a plot is a bonus
                 warnings.simplefilter("ignore")
                 write_plots(run_dir)
@@ -299,7 +311,8 @@ def train_continual(
         if board is not None:
             board.close()
         checkpoints.close()
-    write_plots(run_dir)
+    if main:
+        write_plots(run_dir)
     return summary
 
 
@@ -327,18 +340,34 @@ def _log_summary(board: TensorBoardLog, num_tasks: int, summary: dict) -> None:
                       prefix=f"setting_{k}/summary/")
 
 
+def _gathered(tree: Any) -> Any:
+    """``tree`` with each array that spans other processes' devices gathered whole on the
+    host (every process takes part)."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(whole, tree)
+
+
 def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
                    labels: dict, wall: float, resumed_after: int | None,
-                   devices: int = 1, settings: list[dict] | None = None) -> dict[str, Any]:
-    """Write ``acc_matrix.json`` and ``metrics.json``; return the summary."""
+                   devices: int = 1, settings: list[dict] | None = None,
+                   write: bool = True) -> dict[str, Any]:
+    """Write ``acc_matrix.json`` and ``metrics.json`` (unless not ``write``); return the
+    summary."""
     R = result["acc_matrix"]
     mean_R = R if R.ndim == 2 else R.mean(axis=0)
-    _write_text(run_dir / MATRIX_FILE, dumps(to_jsonable({
-        "acc_matrix": R,
-        "random_init_acc": result["random_init_acc"],
-        "rows": "after training task i", "columns": "accuracy on task j",
-        "seeds": seed_list or [None],
-    }, DIGITS)) + "\n")
+    if write:
+        _write_text(run_dir / MATRIX_FILE, dumps(to_jsonable({
+            "acc_matrix": R,
+            "random_init_acc": result["random_init_acc"],
+            "rows": "after training task i", "columns": "accuracy on task j",
+            "seeds": seed_list or [None],
+        }, DIGITS)) + "\n")
     names = ("avg_accuracy", "bwt", "forgetting", "forgetting_since_learned", "fwt", "lca",
              "bwt_over_T", "fwt_over_T")
     summary: dict[str, Any] = {
@@ -361,7 +390,8 @@ def _write_results(result, run_dir: Path, stream: Stream, seed_list, seeds: int,
                     "devices": devices, "processes": jax.process_count()})
     full = {k: v for k, v in result.items() if k not in ("acc_matrix", "random_init_acc")}
     full["summary"] = {k: v for k, v in summary.items() if k != "acc_matrix"}
-    _write_text(run_dir / SUMMARY_FILE, dumps(to_jsonable(full, DIGITS), indent=1) + "\n")
+    if write:
+        _write_text(run_dir / SUMMARY_FILE, dumps(to_jsonable(full, DIGITS), indent=1) + "\n")
     return to_jsonable(summary, DIGITS)
 
 
