@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 import metajax as mj
-from metajax._tree import norm, vdot
 from metajax.presets import get_preset
 from metajax.presets.build import build_learner, build_problem
 from metajax.train.checkpoint import load_params
@@ -42,52 +41,24 @@ if __package__ in (None, ""):
 from _results import machine  # noqa: E402
 
 
-def cosine(a, b) -> jax.Array:
-    return vdot(a, b) / (norm(a) * norm(b) + 1e-30)
-
-
 def report(config, meta_params, tasks, reference_cg: int, solver: str = "gmres") -> dict:
     problem = build_problem(config)
     learner = build_learner(config, problem)
-    objective = problem.loss_fn if not problem.has_aux else (
-        lambda p, b: problem.loss_fn(p, b)[0])
+    # The training phi: the learner's own inner loop (adapt may use eval_lam instead).
+    train_adapt = build_learner(dataclasses.replace(config, eval_lam=-1.0), problem).adapt
+    quality = jax.jit(lambda p, t: mj.implicit_gradient_report(
+        problem.loss_fn, learner, p, t, config.lam, train_adapt=train_adapt,
+        reference_hvps=reference_cg, reference_solver=solver, has_aux=problem.has_aux))
 
-    def one(task):
-        grads, metrics = learner.meta_grad(meta_params, jax.tree.map(lambda x: x[None], task))
-        # The training phi: the learner's own inner loop (adapt may use eval_lam instead).
-        train = dataclasses.replace(config, eval_lam=-1.0)
-        phi = build_learner(train, problem).adapt(meta_params, task.support)
-        g_query = jax.grad(objective)(phi, task.query)
-
-        def hvp(v):
-            grad_at = jax.grad(lambda p: objective(p, task.support))
-            return jax.jvp(grad_at, (phi,), (v,))[1]
-
-        def system(v):
-            return jax.tree.map(lambda x, h: x + h / config.lam, v, hvp(v))
-
-        # The system is symmetric but, away from a convex support loss, indefinite, where CG
-        # need not converge: GMRES (restarted every 50 steps) solves it either way.
-        if solver == "cg":  # to show that CG does not converge on this system
-            exact = mj.conjugate_gradient(system, g_query, reference_cg)
-        else:
-            exact, _ = jax.scipy.sparse.linalg.gmres(
-                system, g_query, tol=1e-6, atol=0.0, restart=50,
-                maxiter=reference_cg // 50 or 1, solve_method="incremental")
-        residual = norm(jax.tree.map(jnp.subtract, system(exact), g_query)) / norm(g_query)
+    def accuracies(task):
+        phi = train_adapt(meta_params, task.support)
         adapted = learner.adapt(meta_params, task.support, config.test_inner_steps)
-        return {
-            "phi_distance": metrics["phi_distance"],
-            "inner_residual": metrics["inner_residual"],
-            "query_acc": problem.metric_fn(phi, task.query),
-            "cos_first_order": cosine(grads, g_query),
-            "cos_accurate": cosine(grads, exact),
-            "reference_residual": residual,
-            "eval_acc": problem.metric_fn(adapted, task.query),
-        }
+        return {"query_acc": problem.metric_fn(phi, task.query),
+                "eval_acc": problem.metric_fn(adapted, task.query)}
 
-    per_task = jax.lax.map(jax.jit(one), tasks)
-    return {k: float(jnp.mean(v)) for k, v in per_task.items()}
+    per_task = jax.lax.map(jax.jit(accuracies), tasks)
+    out = {k: float(v) for k, v in quality(meta_params, tasks).items()}
+    return {**out, **{k: float(jnp.mean(v)) for k, v in per_task.items()}}
 
 
 def main(argv=None) -> int:

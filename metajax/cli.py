@@ -483,7 +483,12 @@ def _inspect_out(run_dir: Path, kind: str, config, wants_resume: bool) -> bool:
 def _train_locked(args, config: Config, run_dir: Path, mesh=None) -> int:
     resume = _shared_claim(lambda: _claim(run_dir, "train", config, args.resume))
 
-    from metajax.presets.build import build_learner, build_optimizer, build_problem
+    from metajax.presets.build import (
+        build_diagnostics,
+        build_learner,
+        build_optimizer,
+        build_problem,
+    )
     from metajax.train.loop import train
 
     problem = build_problem(config)
@@ -497,7 +502,8 @@ def _train_locked(args, config: Config, run_dir: Path, mesh=None) -> int:
              f"{config.steps} meta-steps{where} -> {run_dir}")
     summary = train(config, problem, learner, build_optimizer(config), run_dir, mesh=mesh,
                     progress=not args.no_progress, resume=resume, log=_log,
-                    tensorboard=args.tensorboard)
+                    tensorboard=args.tensorboard,
+                    diagnostics=build_diagnostics(config, problem, learner))
     if main:
         print(dumps(summary))
     return 0

@@ -318,3 +318,64 @@ def test_inner_problem_and_eval_lam_are_checked():
         mj.imaml(quadratic_loss, 0.1, inner="exact")
     with pytest.raises(ValueError, match="eval_lam must be >= 0"):
         mj.imaml(quadratic_loss, 0.1, eval_lam=-1.0)
+
+
+def cosine(a, b):
+    return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("solver", ["gmres", "cg"])
+def test_implicit_gradient_report_matches_closed_forms(x64, solver):
+    """On quadratic tasks: the damped learner's gradient against the plain query gradient
+    and the exact implicit one, by closed form; the undamped learner is exact (cosine 1)."""
+    lam, damping, extra = 2.0, 1.0, 10.0
+    tasks = [quadratic_task(jax.random.PRNGKey(s)) for s in (21, 22)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *tasks)
+    theta = jnp.linspace(-1.0, 1.0, 6)
+    damped = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=6,
+                      cg_damping=damping, lam_damping=extra)
+    report = jax.jit(lambda p, t: mj.implicit_gradient_report(
+        quadratic_loss, damped, p, t, lam, reference_hvps=12, reference_solver=solver))
+    got = {k: float(v) for k, v in report({"phi": theta}, stacked).items()}
+    firsts, accurates, distances = [], [], []
+    for task in tasks:
+        phi_star, exact = closed_form(theta, task, lam)
+        a, _ = task.support
+        g_query = phi_star - task.query[1]
+        g = jnp.linalg.solve((1 + damping) * jnp.eye(6) + a / (lam + extra), g_query)
+        firsts.append(cosine(g, g_query))
+        accurates.append(cosine(g, exact))
+        distances.append(float(jnp.linalg.norm(phi_star - theta)))
+    assert got["cos_first_order"] == pytest.approx(np.mean(firsts), rel=1e-8)
+    assert got["cos_accurate"] == pytest.approx(np.mean(accurates), rel=1e-6)
+    assert got["phi_distance"] == pytest.approx(np.mean(distances), rel=1e-8)
+    assert got["reference_residual"] < 1e-6 and got["inner_residual"] < 1e-9
+    assert max(accurates) < 0.999  # the damped gradient is not the exact one here
+    exact_learner = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam,
+                             cg_steps=6)
+    exact = mj.implicit_gradient_report(quadratic_loss, exact_learner, {"phi": theta}, stacked,
+                                        lam, reference_hvps=12, reference_solver=solver)
+    assert float(exact["cos_accurate"]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_implicit_gradient_report_takes_phi_from_the_training_loop(x64):
+    """With eval_lam=0, adapt runs free steps: the report must use the training inner loop
+    given as train_adapt, and then equals the report of the learner without eval_lam."""
+    lam = 2.0
+    stacked = jax.tree.map(lambda x: x[None], quadratic_task(jax.random.PRNGKey(23)))
+    theta = {"phi": jnp.linspace(-1.0, 1.0, 6)}
+    plain = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=6)
+    free = mj.imaml(quadratic_loss, inner_lr=1 / 22, inner_steps=600, lam=lam, cg_steps=6,
+                    eval_lam=0.0)
+    expected = mj.implicit_gradient_report(quadratic_loss, plain, theta, stacked, lam,
+                                           reference_hvps=12)
+    given = mj.implicit_gradient_report(quadratic_loss, free, theta, stacked, lam,
+                                        train_adapt=plain.adapt, reference_hvps=12)
+    wrong = mj.implicit_gradient_report(quadratic_loss, free, theta, stacked, lam,
+                                        reference_hvps=12)
+    for key in expected:
+        assert float(given[key]) == pytest.approx(float(expected[key]), rel=1e-9), key
+    assert abs(float(wrong["cos_first_order"]) - float(expected["cos_first_order"])) > 1e-3
+    with pytest.raises(ValueError, match="reference_solver"):
+        mj.implicit_gradient_report(quadratic_loss, plain, theta, stacked, lam,
+                                    reference_solver="lu")

@@ -1,6 +1,7 @@
 """The training loop and the sinusoid task sampler."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -152,3 +153,37 @@ def test_inner_solver_is_checked():
     with pytest.raises(ConfigError, match="applies to imaml only"):
         dataclasses.replace(base, algorithm="maml", inner_solver="backtracking").validate()
     assert base.with_overrides(["inner_solver=backtracking"]).inner_solver == "backtracking"
+
+
+def test_imaml_gradient_check_is_logged_at_validation_and_changes_nothing(tmp_path, capsys):
+    """grad_report_tasks adds diag_* figures to each validation line of metrics.jsonl; the
+    validation figures and the trained parameters are those of a run without it."""
+    from metajax.cli import main
+    from metajax.train.config import ConfigError
+
+    def run(name, *extra):
+        out = tmp_path / name
+        argv = ["train", "sinusoid-imaml", "--steps", "4", "--no-progress", "--out", str(out),
+                "--set", "inner_steps=3", "--set", "meta_batch_size=4", "--set", "log_every=2",
+                "--set", "eval_every=2", "--set", "eval_tasks=4", *extra]
+        assert main(argv) == 0
+        capsys.readouterr()
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return out, [r for r in lines if "val_mse" in r], [r for r in lines if "val_mse" not in r]
+
+    plain_dir, plain, _ = run("plain")
+    checked_dir, checked, train_lines = run("checked", "--set", "grad_report_tasks=2",
+                                            "--set", "grad_report_hvps=20")
+    assert [r["step"] for r in checked] == [r["step"] for r in plain] == [2, 4]
+    keys = {"diag_phi_distance", "diag_inner_residual", "diag_cos_first_order",
+            "diag_cos_accurate", "diag_reference_residual"}
+    for with_check, without in zip(checked, plain, strict=True):
+        assert keys <= set(with_check) and not keys & set(without)
+        assert with_check["val_mse"] == without["val_mse"]
+        assert -1.0 <= with_check["diag_cos_accurate"] <= 1.0
+        assert with_check["diag_phi_distance"] > 0
+    assert not any(k.startswith("diag_") for r in train_lines for k in r)
+    assert ((plain_dir / "meta_params.msgpack").read_bytes()
+            == (checked_dir / "meta_params.msgpack").read_bytes())
+    with pytest.raises(ConfigError, match="grad_report_tasks applies to imaml only"):
+        get_preset("sinusoid-maml").with_overrides(["grad_report_tasks=2"]).validate()

@@ -4,6 +4,7 @@ from metajax.meta.imaml import (
     backtracking_descent,
     conjugate_gradient,
     imaml,
+    implicit_gradient_report,
     implicit_proximal_solver,
 )
 from metajax.meta.maml import anil, head_mask, maml
@@ -22,6 +23,7 @@ __all__ = [
     "conjugate_gradient",
     "head_mask",
     "imaml",
+    "implicit_gradient_report",
     "implicit_proximal_solver",
     "maml",
     "metasgd",

@@ -14,13 +14,13 @@ import optax
 
 from metajax import inner as inner_module
 from metajax._checks import check_int, check_number
-from metajax._tree import norm
+from metajax._tree import norm, vdot
 from metajax.meta._common import (
     inner_loop_learner,
     loss_and_aux,
 )
 from metajax.task_map import TaskMap
-from metajax.types import Learner, LossFn, PyTree
+from metajax.types import Learner, LossFn, PyTree, Task
 
 LinearSolve = Callable[[Callable[[PyTree], PyTree], PyTree], PyTree]
 """``linear_solve(matvec, b) -> x``: solve ``A x = b`` for ``A`` given as ``matvec``."""
@@ -349,3 +349,80 @@ def imaml(
         return solve(meta_params, support) if steps else meta_params
 
     return learner._replace(adapt=adapt)
+
+
+def _cosine(a: PyTree, b: PyTree) -> jax.Array:
+    return vdot(a, b) / (norm(a) * norm(b) + 1e-30)
+
+
+def implicit_gradient_report(
+    loss_fn: LossFn,
+    learner: Learner,
+    meta_params: PyTree,
+    tasks: Task,
+    lam: float,
+    *,
+    train_adapt: Callable[[PyTree, PyTree], PyTree] | None = None,
+    reference_hvps: int = 200,
+    reference_solver: str = "gmres",
+    has_aux: bool = False,
+) -> dict[str, jax.Array]:
+    """How good an iMAML learner's meta-gradient is, task by task, averaged over ``tasks``.
+
+    For each task (a leading task axis; one at a time, so memory is that of one task) this
+    takes the learner's meta-gradient ``g`` and the training ``phi`` (``train_adapt``,
+    default ``learner.adapt``: pass the training inner loop when the learner evaluates with
+    another ``eval_lam``), and reports:
+
+    - ``phi_distance`` and ``inner_residual``: as ``meta_grad``'s metrics;
+    - ``cos_first_order``: cosine of ``g`` with the plain query gradient at ``phi`` (near 1:
+      the implicit correction does nothing, a first-order method in effect);
+    - ``cos_accurate``: cosine of ``g`` with the exact implicit gradient at the same ``phi``,
+      the solution of the undamped ``(I + H / lam) u = grad L_query(phi)``, ``H`` the
+      support loss's Hessian at ``phi``, by restarted GMRES (restart 50) on at most
+      ``reference_hvps`` Hessian-vector products. GMRES, not CG: away from a convex support
+      loss the system is indefinite and CG need not converge (``reference_solver="cg"``
+      takes ``reference_hvps`` CG steps instead, to see that);
+    - ``reference_residual``: that solve's relative residual (how far to trust
+      ``cos_accurate``).
+
+    Jit-able; about ``reference_hvps`` Hessian-vector products per task beside one
+    meta-gradient.
+    """
+    check_number("lam", lam)
+    check_int("reference_hvps", reference_hvps)
+    if reference_solver not in ("gmres", "cg"):
+        raise ValueError(f"reference_solver must be 'gmres' or 'cg', got {reference_solver!r}")
+    objective = loss_and_aux(loss_fn, has_aux)
+    adapt = learner.adapt if train_adapt is None else train_adapt
+    restart = min(50, reference_hvps)
+
+    def one(task):
+        grads, metrics = learner.meta_grad(meta_params, jax.tree.map(lambda x: x[None], task))
+        grads = learner.fast_params_of(grads)
+        phi = jax.lax.stop_gradient(adapt(meta_params, task.support))
+        g_query = jax.grad(lambda p: objective(p, task.query)[0])(phi)
+        grad_at = jax.grad(lambda p: objective(p, task.support)[0])
+
+        def system(v):
+            hvp = jax.jvp(grad_at, (phi,), (v,))[1]
+            return jax.tree.map(lambda x, h: x + h / lam, v, hvp)
+
+        if reference_solver == "cg":
+            exact = conjugate_gradient(system, g_query, reference_hvps)
+        else:
+            exact, _ = jax.scipy.sparse.linalg.gmres(
+                system, g_query, tol=1e-6, atol=0.0, restart=restart,
+                maxiter=max(reference_hvps // restart, 1), solve_method="incremental")
+        residual = norm(jax.tree.map(jnp.subtract, system(exact), g_query)) / (
+            norm(g_query) + 1e-30)
+        return {
+            "phi_distance": metrics["phi_distance"],
+            "inner_residual": metrics["inner_residual"],
+            "cos_first_order": _cosine(grads, g_query),
+            "cos_accurate": _cosine(grads, exact),
+            "reference_residual": residual,
+        }
+
+    per_task = jax.lax.map(one, tasks)
+    return {k: jnp.mean(v) for k, v in per_task.items()}

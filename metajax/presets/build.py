@@ -6,6 +6,7 @@ training loop receives the finished pieces.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -162,6 +163,34 @@ def build_learner(config: Config, problem: Problem) -> mj.Learner:
     """The meta-learner named by ``config.algorithm`` (its :data:`LEARNERS` entry) with its
     inner-loop settings."""
     return LEARNERS[config.algorithm](config, problem)
+
+
+#: Folded into the run's seed for the tasks of :func:`build_diagnostics` (apart from every
+#: key the training loop draws, so validation is the same with the check or without it).
+DIAGNOSTIC_KEY = 0x6D6A
+
+
+def build_diagnostics(config: Config, problem: Problem,
+                      learner: mj.Learner) -> Callable[[object], dict] | None:
+    """The check :func:`metajax.train.loop.train` runs at every validation, or ``None``.
+
+    For iMAML with ``grad_report_tasks > 0``: :func:`metajax.implicit_gradient_report` on
+    that many validation tasks (training shots and queries; the same tasks at every
+    validation), at the phi of the training inner loop (not of ``eval_lam``).
+    """
+    if config.algorithm != "imaml" or not config.grad_report_tasks:
+        return None
+    train_adapt = build_learner(dataclasses.replace(config, eval_lam=-1.0), problem).adapt
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), DIAGNOSTIC_KEY)
+
+    def diagnostics(meta_params):
+        tasks = problem.sample_tasks(key, config.grad_report_tasks, config.shots,
+                                     config.queries, "val")
+        return mj.implicit_gradient_report(
+            problem.loss_fn, learner, meta_params, tasks, config.lam, train_adapt=train_adapt,
+            reference_hvps=config.grad_report_hvps, has_aux=problem.has_aux)
+
+    return diagnostics
 
 
 def mamlpp_schedules(config: Config) -> dict[str, Callable[[jax.Array], jax.Array]]:

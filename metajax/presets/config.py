@@ -58,6 +58,12 @@ class Config(FlatConfig):
         theta); see :func:`metajax.imaml`.
       eval_lam: iMAML's proximal strength at validation and test (-1: ``lam``; 0: free
         steps on the support loss, as the authors' released evaluation).
+      grad_report_tasks: iMAML only: at every validation, check the meta-gradient on this
+        many validation tasks (the same ones each time; 0: off) and log ``diag_*`` figures
+        (``||phi - theta||``, its cosines with the plain query gradient and with an accurate
+        implicit gradient; :func:`metajax.implicit_gradient_report`). It does not change
+        training, but its time counts towards ``time_budget_s``.
+      grad_report_hvps: Hessian-vector products of that accurate solve, per task.
       adam_eps: the outer Adam's epsilon (optax's default 1e-8; iMAML's released code 1e-3).
       msl: MAML++ multi-step loss.
       lslr: MAML++ learnable per-layer per-step inner learning rates.
@@ -107,7 +113,8 @@ class Config(FlatConfig):
     """
 
     RUN_CONTROL = ("steps", "time_budget_s", "data_dir", "on_nan", "checkpoint_every",
-                   "checkpoint_seconds", "keep_checkpoints", "devices")
+                   "checkpoint_seconds", "keep_checkpoints", "devices", "grad_report_tasks",
+                   "grad_report_hvps")
     LATER_FIELDS = (
         (("weight_init", "glorot"),),
         (("inner_problem", "proximal"), ("eval_lam", -1.0), ("adam_eps", 1e-8),
@@ -143,6 +150,8 @@ class Config(FlatConfig):
     inner_solver: str = "gd"
     inner_problem: str = "proximal"
     eval_lam: float = -1.0
+    grad_report_tasks: int = 0
+    grad_report_hvps: int = 200
     adam_eps: float = 1e-8
     msl: bool = True
     lslr: bool = True
@@ -178,12 +187,12 @@ class Config(FlatConfig):
                 "shots", "queries", "meta_batch_size", "inner_lr", "inner_steps", "outer_lr",
                 "steps", "hidden", "layers", "log_every", "eval_tasks", "eval_queries", "lam",
                 "cg_steps", "iters_per_epoch", "msl_anneal_epochs", "keep_checkpoints",
-                "adam_eps", "norm_eps",
+                "adam_eps", "norm_eps", "grad_report_hvps",
             ),
             non_negative=(
                 "first_order_epochs", "eval_inner_steps", "eval_every", "time_budget_s", "seed",
                 "cg_damping", "lam_damping", "grad_clip_norm", "checkpoint_every",
-                "checkpoint_seconds", "devices",
+                "checkpoint_seconds", "devices", "grad_report_tasks",
             ),
             choices={
                 "dataset": DATASETS,
@@ -216,6 +225,9 @@ class Config(FlatConfig):
                                           or self.eval_lam != -1.0):
             raise ConfigError("inner_problem and eval_lam apply to imaml only; leave them at "
                               f"their defaults for {self.algorithm}")
+        if self.grad_report_tasks and self.algorithm != "imaml":
+            raise ConfigError(f"grad_report_tasks applies to imaml only (it checks the implicit "
+                              f"meta-gradient); leave it at 0 for {self.algorithm}")
         if self.pooling and self.dataset != "omniglot":
             raise ConfigError("pooling applies to the Omniglot Conv4 only (mini-ImageNet's "
                               "Conv4 always pools)")
@@ -251,6 +263,8 @@ class Config(FlatConfig):
             notes["data_dir"] = "empty: $METAJAX_DATA_DIR, else the user cache"
         if self.algorithm == "imaml" and self.eval_lam == -1.0:
             notes["eval_lam"] = f"-1: lam, {self.lam:g}"
+        if self.algorithm == "imaml" and not self.grad_report_tasks:
+            notes["grad_report_tasks"] = "0: no meta-gradient check at validation"
         unused = []
         if self.dataset == "sinusoid":
             unused += ["ways", "split", "norm", "readout", "pooling", "norm_eps", "weight_init"]
@@ -260,7 +274,7 @@ class Config(FlatConfig):
             unused += ["split", "pooling"]
         if self.algorithm != "imaml":
             unused += ["lam", "cg_steps", "cg_damping", "lam_damping", "inner_solver",
-                       "inner_problem", "eval_lam"]
+                       "inner_problem", "eval_lam", "grad_report_tasks", "grad_report_hvps"]
         if self.algorithm != "mamlpp":
             unused += ["msl", "lslr", "bnwb", "iters_per_epoch", "msl_anneal_epochs",
                        "first_order_epochs"]

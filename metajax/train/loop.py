@@ -249,6 +249,7 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] | None = None,
     tensorboard: bool = False,
+    diagnostics: Callable[[PyTree], dict] | None = None,
 ) -> dict:
     """Train ``learner`` on ``problem`` for ``config.steps`` meta-steps, logging to ``run_dir``.
 
@@ -283,6 +284,13 @@ def train(
 
     Training stops early, after a whole chunk, once ``config.time_budget_s`` is spent (the
     time of earlier attempts of a resumed run counts).
+
+    ``diagnostics(meta_params) -> dict of scalars``, when given, runs at every validation
+    (jitted once; it should draw its own tasks, with a key of its own, so that validation is
+    the same with or without it) and its figures join the validation line of
+    ``metrics.jsonl`` as ``diag_<name>`` (TensorBoard: ``diag/<name>``); e.g.
+    :func:`metajax.implicit_gradient_report` for iMAML. Its time counts as training time, as
+    validation's does.
 
     With a ``mesh`` (:func:`metajax.train.parallel.device_mesh`) every meta-batch is spread
     over its devices and the result is that of one device (up to float rounding). With
@@ -364,17 +372,23 @@ def train(
     chunk = make_train_chunk(learner, optimizer, sample_task, config.meta_batch_size,
                              mesh=mesh, skip_nonfinite=on_nan == "skip")
     evaluate = make_evaluator(learner, problem, mesh=mesh)
+    diagnose = None if diagnostics is None else jax.jit(diagnostics)
 
     def validate(step):
         nonlocal best, best_params
         values = evaluate(meta_params, k_val, config.eval_tasks, config.shots,
                           config.eval_queries, config.test_inner_steps, "val")
+        extra = {} if diagnose is None else {
+            name: float(value) for name, value in jax.device_get(diagnose(meta_params)).items()}
         record = {"step": step, f"val_{metric}": mean_ci95(jax.device_get(values))["mean"],
+                  **{f"diag_{name}": value for name, value in extra.items()},
                   "wall_s": round(elapsed(), 3)}
         if main:
             append_jsonl(metrics_path, record)
         if board is not None:
             board.scalars(step, {metric: record[f"val_{metric}"]}, prefix="val/")
+            if extra:
+                board.scalars(step, extra, prefix="diag/")
         score = record[f"val_{metric}"]
         if problem.has_validation and np.isfinite(score) and (
             best is None or (score > best if higher_is_better else score < best)
