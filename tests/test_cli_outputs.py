@@ -117,9 +117,9 @@ def test_dry_run_checks_that_tensorboard_can_be_written(capsys, monkeypatch, tmp
 
 
 def test_runs_written_before_a_field_existed_keep_their_fingerprint():
-    """A checkpoint written before ``weight_init`` (or before the iMAML/MAML++ protocol
-    fields) existed carries the hash without them; it stays resumable while they hold their
-    defaults, and only then."""
+    """A checkpoint written before ``backward_solver`` or ``weight_init`` (or before the
+    iMAML/MAML++ protocol fields) existed carries the hash without them; it stays resumable
+    while they hold their defaults, and only then."""
     import dataclasses
     import hashlib
 
@@ -131,12 +131,16 @@ def test_runs_written_before_a_field_existed_keep_their_fingerprint():
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     config = get_preset("omniglot-5w1s-maml")
-    newest = {"weight_init"}
-    earlier = newest | {"inner_problem", "eval_lam", "adam_eps", "pooling", "norm_eps"}
+    newest = {"backward_solver"}
+    middle = newest | {"weight_init"}
+    earlier = middle | {"inner_problem", "eval_lam", "adam_eps", "pooling", "norm_eps"}
     assert config.fingerprints() == {config.fingerprint(), old_hash(config, newest),
-                                     old_hash(config, earlier)}
-    assert len(config.fingerprints()) == 3
-    released = get_preset("omniglot-5w1s-imaml-released")  # weight_init="imaml": new only
-    assert released.fingerprints() == {released.fingerprint()}
+                                     old_hash(config, middle), old_hash(config, earlier)}
+    assert len(config.fingerprints()) == 4
+    released = get_preset("omniglot-5w1s-imaml-released")  # weight_init="imaml": since then
+    assert released.fingerprints() == {released.fingerprint(), old_hash(released, newest)}
     pooled = dataclasses.replace(config, pooling=True)      # no run before pooling had it
-    assert pooled.fingerprints() == {pooled.fingerprint(), old_hash(pooled, newest)}
+    assert pooled.fingerprints() == {pooled.fingerprint(), old_hash(pooled, newest),
+                                     old_hash(pooled, middle)}
+    gmres = dataclasses.replace(get_preset("omniglot-5w1s-imaml"), backward_solver="gmres")
+    assert gmres.fingerprints() == {gmres.fingerprint()}

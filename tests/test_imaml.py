@@ -1,5 +1,6 @@
 """iMAML: conjugate gradient and the implicit meta-gradient against closed forms."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -379,3 +380,65 @@ def test_implicit_gradient_report_takes_phi_from_the_training_loop(x64):
     with pytest.raises(ValueError, match="reference_solver"):
         mj.implicit_gradient_report(quadratic_loss, plain, theta, stacked, lam,
                                     reference_solver="lu")
+
+
+def test_gmres_solver_is_minimal_residual_on_an_indefinite_system(x64):
+    """On an indefinite symmetric system (eigenvalues on both sides of 0, as I + H / lam
+    away from a convex support loss) GMRES with k products returns the minimum-residual point
+    of the Krylov space span(b, Ab, ..., A^(k-1) b), computed here by least squares, and the
+    exact solution once k reaches the dimension; CG's k-th iterate, in the same space, has a
+    larger residual."""
+    d, k = 8, 4
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(3), (d, d), jnp.float64))
+    system = q @ jnp.diag(jnp.array([-2.5, -1.7, -0.6, 0.4, 1.3, 2.2, 3.1, 4.0])) @ q.T
+    b = jax.random.normal(jax.random.PRNGKey(4), (d,), jnp.float64)
+
+    def matvec(v):
+        return system @ v
+
+    def residual(x):
+        return float(jnp.linalg.norm(system @ x - b))
+
+    krylov = jnp.stack([jnp.linalg.matrix_power(system, i) @ b for i in range(k)], axis=1)
+    coefficients = jnp.linalg.lstsq(system @ krylov, b)[0]
+    best = krylov @ coefficients
+    x = mj.gmres_solver(steps=k, tol=1e-14)(matvec, b)
+    np.testing.assert_allclose(x, best, rtol=1e-7, atol=1e-9)
+    assert residual(mj.conjugate_gradient(matvec, b, steps=k)) > residual(best) * (1 + 1e-6)
+    np.testing.assert_allclose(mj.gmres_solver(steps=d, tol=1e-14)(matvec, b),
+                               jnp.linalg.solve(system, b), rtol=1e-8, atol=1e-10)
+    # Restarted every 2 products: each cycle cannot raise the residual.
+    assert (residual(mj.gmres_solver(steps=6, restart=2, tol=1e-14)(matvec, b))
+            <= residual(mj.gmres_solver(steps=2, restart=2, tol=1e-14)(matvec, b)) + 1e-12)
+    with pytest.raises(ValueError, match="steps"):
+        mj.gmres_solver(0)
+
+
+def test_backward_solver_field_builds_the_gmres_learner():
+    """backward_solver=gmres in a configuration gives the learner of
+    linear_solve=gmres_solver(cg_steps), and applies to imaml only."""
+    from metajax.presets import get_preset
+    from metajax.presets.build import build_learner, build_problem
+    from metajax.train.config import ConfigError
+
+    config = get_preset("sinusoid-imaml").with_overrides(
+        ["backward_solver=gmres", "cg_steps=7", "meta_batch_size=3", "inner_steps=3"])
+    config.validate()
+    problem = build_problem(config)
+    learner = build_learner(config, problem)
+    meta_params = learner.init(problem.init_params(jax.random.PRNGKey(0)))
+    tasks = problem.sample_tasks(jax.random.PRNGKey(1), 3, config.shots, config.queries,
+                                 "train")
+    by_hand = mj.imaml(problem.loss_fn, config.inner_lr, config.inner_steps, lam=config.lam,
+                       inner_solver=config.inner_solver, linear_solve=mj.gmres_solver(7))
+    cg = build_learner(config.with_overrides(["backward_solver=cg"]), problem)
+    grads = learner.meta_grad(meta_params, tasks)[0]
+    chex.assert_trees_all_close(grads, by_hand.meta_grad(meta_params, tasks)[0], rtol=1e-5,
+                                atol=1e-7)
+    differs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads,
+                                           cg.meta_grad(meta_params, tasks)[0]))
+    assert max(differs) > 0, "gmres and cg gave identical meta-gradients: the field is unused"
+    with pytest.raises(ConfigError, match="backward_solver"):
+        config.with_overrides(["backward_solver=lu"]).validate()
+    with pytest.raises(ConfigError, match="applies to imaml only"):
+        get_preset("sinusoid-maml").with_overrides(["backward_solver=gmres"]).validate()

@@ -3,6 +3,7 @@
 from metajax.meta.imaml import (
     backtracking_descent,
     conjugate_gradient,
+    gmres_solver,
     imaml,
     implicit_gradient_report,
     implicit_proximal_solver,
@@ -21,6 +22,7 @@ __all__ = [
     "anil",
     "backtracking_descent",
     "conjugate_gradient",
+    "gmres_solver",
     "head_mask",
     "imaml",
     "implicit_gradient_report",

@@ -47,6 +47,29 @@ def conjugate_gradient(
     return x
 
 
+def gmres_solver(steps: int, restart: int = 50, tol: float = 1e-6) -> LinearSolve:
+    """A ``linear_solve(matvec, b) -> x`` of restarted GMRES (Saad and Schultz, 1986) on at
+    most ``steps`` products with ``A`` (restart after ``min(restart, steps)``), from
+    ``x = 0``, stopping early at relative residual ``tol``.
+
+    For the iMAML backward system away from a convex support loss: ``I + H / lam`` is then
+    indefinite, conjugate gradient need not converge on it and GMRES does (it only needs
+    ``A`` invertible). Pass it as ``mj.imaml(..., linear_solve=mj.gmres_solver(50))``.
+    """
+    check_int("steps", steps)
+    check_int("restart", restart)
+    check_number("tol", tol)
+    inner = min(restart, steps)
+    outer = max(steps // inner, 1)
+
+    def linear_solve(matvec, b):
+        x, _ = jax.scipy.sparse.linalg.gmres(matvec, b, tol=tol, atol=0.0, restart=inner,
+                                             maxiter=outer, solve_method="incremental")
+        return x
+
+    return linear_solve
+
+
 def _zero_cotangent(x):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -126,6 +149,10 @@ INNER_SOLVERS: tuple[str, ...] = ("gd", "backtracking")
 #: The inner problems :func:`imaml` can solve: the paper's proximal problem, or the loop of
 #: the authors' released code (free steps on the support loss, then one step back to theta).
 INNER_PROBLEMS: tuple[str, ...] = ("proximal", "released")
+
+#: The backward-system solvers a configuration may name: ``cg`` (:func:`conjugate_gradient`,
+#: the default) and ``gmres`` (:func:`gmres_solver`, passed to :func:`imaml` as ``linear_solve``).
+BACKWARD_SOLVERS: tuple[str, ...] = ("cg", "gmres")
 
 
 def backtracking_descent(
@@ -395,7 +422,7 @@ def implicit_gradient_report(
         raise ValueError(f"reference_solver must be 'gmres' or 'cg', got {reference_solver!r}")
     objective = loss_and_aux(loss_fn, has_aux)
     adapt = learner.adapt if train_adapt is None else train_adapt
-    restart = min(50, reference_hvps)
+    reference = gmres_solver(reference_hvps)
 
     def one(task):
         grads, metrics = learner.meta_grad(meta_params, jax.tree.map(lambda x: x[None], task))
@@ -411,9 +438,7 @@ def implicit_gradient_report(
         if reference_solver == "cg":
             exact = conjugate_gradient(system, g_query, reference_hvps)
         else:
-            exact, _ = jax.scipy.sparse.linalg.gmres(
-                system, g_query, tol=1e-6, atol=0.0, restart=restart,
-                maxiter=max(reference_hvps // restart, 1), solve_method="incremental")
+            exact = reference(system, g_query)
         residual = norm(jax.tree.map(jnp.subtract, system(exact), g_query)) / (
             norm(g_query) + 1e-30)
         return {

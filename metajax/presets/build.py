@@ -147,6 +147,8 @@ LEARNERS: dict[str, Callable[[Config, Problem], mj.Learner]] = {
                                    lam_damping=c.lam_damping, inner_solver=c.inner_solver,
                                    inner=c.inner_problem,
                                    eval_lam=None if c.eval_lam == -1.0 else c.eval_lam,
+                                   linear_solve=(mj.gmres_solver(c.cg_steps)
+                                                 if c.backward_solver == "gmres" else None),
                                    has_aux=p.has_aux),
     "mamlpp": lambda c, p: mj.mamlpp(
         p.loss_fn, c.inner_lr, c.inner_steps, multi_step_loss=c.msl, learnable_lrs=c.lslr,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from metajax.data.omniglot import SPLIT_PROTOCOLS as OMNIGLOT_SPLITS
-from metajax.meta.imaml import INNER_PROBLEMS, INNER_SOLVERS
+from metajax.meta.imaml import BACKWARD_SOLVERS, INNER_PROBLEMS, INNER_SOLVERS
 from metajax.nn.conv4 import INITS, NORMS, READOUTS
 from metajax.nn.precision import COMPUTE_DTYPES
 from metajax.train.config import ConfigError, FlatConfig
@@ -49,7 +49,11 @@ class Config(FlatConfig):
       eval_inner_steps: inner steps at validation and test (0: ``inner_steps``).
       remat: rematerialise MAML's inner steps in the backward pass (less memory).
       lam: iMAML's proximal strength lambda.
-      cg_steps: iMAML's conjugate-gradient iterations.
+      cg_steps: iMAML's conjugate-gradient iterations (with ``backward_solver=gmres``: its
+        Hessian-vector products).
+      backward_solver: iMAML's solver of the backward system, ``cg`` (conjugate gradient)
+        or ``gmres`` (:func:`metajax.gmres_solver`, restarted GMRES, which converges where
+        the system is indefinite and CG need not).
       cg_damping, lam_damping: iMAML's backward-system stabilisers, see :func:`metajax.imaml`.
       inner_solver: iMAML's inner solver, ``gd`` (fixed steps of ``inner_lr``) or
         ``backtracking`` (steps that shrink when the proximal loss would not fall).
@@ -116,6 +120,7 @@ class Config(FlatConfig):
                    "checkpoint_seconds", "keep_checkpoints", "devices", "grad_report_tasks",
                    "grad_report_hvps")
     LATER_FIELDS = (
+        (("backward_solver", "cg"),),
         (("weight_init", "glorot"),),
         (("inner_problem", "proximal"), ("eval_lam", -1.0), ("adam_eps", 1e-8),
          ("pooling", False), ("norm_eps", 1e-3)),
@@ -146,6 +151,7 @@ class Config(FlatConfig):
     lam: float = 2.0
     cg_steps: int = 5
     cg_damping: float = 0.0
+    backward_solver: str = "cg"
     lam_damping: float = 0.0
     inner_solver: str = "gd"
     inner_problem: str = "proximal"
@@ -204,6 +210,7 @@ class Config(FlatConfig):
                 "readout": READOUTS,
                 "weight_init": INITS,
                 "inner_solver": INNER_SOLVERS,
+                "backward_solver": BACKWARD_SOLVERS,
                 "inner_problem": INNER_PROBLEMS,
                 "on_nan": ON_NAN,
                 "compute_dtype": tuple(COMPUTE_DTYPES),
@@ -221,6 +228,8 @@ class Config(FlatConfig):
         if self.inner_solver != "gd" and self.algorithm != "imaml":
             raise ConfigError(f"inner_solver={self.inner_solver!r} applies to imaml only; "
                               f"{self.algorithm} takes plain gradient steps")
+        if self.backward_solver != "cg" and self.algorithm != "imaml":
+            raise ConfigError(f"backward_solver={self.backward_solver!r} applies to imaml only")
         if self.algorithm != "imaml" and (self.inner_problem != "proximal"
                                           or self.eval_lam != -1.0):
             raise ConfigError("inner_problem and eval_lam apply to imaml only; leave them at "
@@ -274,6 +283,7 @@ class Config(FlatConfig):
             unused += ["split", "pooling"]
         if self.algorithm != "imaml":
             unused += ["lam", "cg_steps", "cg_damping", "lam_damping", "inner_solver",
+                       "backward_solver",
                        "inner_problem", "eval_lam", "grad_report_tasks", "grad_report_hvps"]
         if self.algorithm != "mamlpp":
             unused += ["msl", "lslr", "bnwb", "iters_per_epoch", "msl_anneal_epochs",
