@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-continual"))
     parser.add_argument("--jsonl", type=Path, default=Path("benchmarks/results/continual.jsonl"))
     parser.add_argument("--table-only", action="store_true", help="print the table, run nothing")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the presets even when the file has them (lines written before "
+                             "lines carried their configuration match any configuration); the "
+                             "table shows the newest line of each")
     args = parser.parse_args(argv)
 
     names = [n for n in CONTINUAL_PRESETS if any(fnmatch(n, p) for p in args.presets)]
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         machine = current_machine()
         for name in names:
-            if finished(name):
+            if finished(name) and not args.rerun:
                 print(f"{name}: already in {args.jsonl}", file=sys.stderr)
                 continue
             config = resolved(name)
