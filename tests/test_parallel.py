@@ -46,10 +46,13 @@ def test_meta_gradients_and_parameters_do_not_depend_on_the_device_count():
     # differently ordered 8-term sum is a few 1e-7, and 20 Adam steps carry it along.
     for name, by_count in _worker("meta").items():
         assert set(by_count) == ({"8"} if name == "mamlpp" else {"1", "2", "4", "8"})
+        trained = {c for c, diff in by_count.items() if "params" in diff}
+        assert trained == ({"8"} if name == "mamlpp" else {"2", "8"}), (name, trained)
         for count, diff in by_count.items():
             assert diff["grads"] < 2e-6, (name, count, diff)
-            assert diff["losses"] < 2e-6, (name, count, diff)
-            assert diff["params"] < 1e-5, (name, count, diff)
+            if count in trained:
+                assert diff["losses"] < 2e-6, (name, count, diff)
+                assert diff["params"] < 1e-5, (name, count, diff)
 
 
 def test_continual_seeds_sharded_equal_one_device():
