@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metajax.types import PyTree
 
@@ -31,3 +32,8 @@ def norm(tree: PyTree) -> jax.Array:
 def where(condition, a: PyTree, b: PyTree) -> PyTree:
     """``jnp.where(condition, a_leaf, b_leaf)`` leaf by leaf."""
     return jax.tree.map(lambda u, v: jnp.where(condition, u, v), a, b)
+
+
+def dtype_of(x) -> np.dtype:
+    """``x``'s dtype without reading its values (an array may span other processes)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metajax._checks import check_int
+from metajax._tree import dtype_of
 from metajax.continual.learners import ContinualLearner
 from metajax.continual.metrics import metrics as summarize
 from metajax.continual.metrics import metrics_over_seeds
@@ -408,10 +409,6 @@ def _copied_buffers(carry: Carry) -> Carry:
     return out
 
 
-def _dtype(x) -> np.dtype:
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
 def _check_carry(template: Carry, t_done: int, saved: Carry, num_tasks: int) -> Carry:
     """``saved`` as the carry of this run (arrays on the device), after checking that it has
     the template's structure, shapes and dtypes and that ``t_done`` is one of its tasks."""
@@ -424,10 +421,10 @@ def _check_carry(template: Carry, t_done: int, saved: Carry, num_tasks: int) -> 
                          "learner, model, number of seeds or lca_batches?)")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(template),
                             jax.tree.leaves(saved), strict=True):
-        if np.shape(a) != np.shape(b) or _dtype(a) != _dtype(b):
+        if np.shape(a) != np.shape(b) or dtype_of(a) != dtype_of(b):
             raise ValueError(f"resume_from: carry{jax.tree_util.keystr(path)} is "
-                             f"{np.shape(b)} {_dtype(b)}, this run has {np.shape(a)} "
-                             f"{_dtype(a)}")
+                             f"{np.shape(b)} {dtype_of(b)}, this run has {np.shape(a)} "
+                             f"{dtype_of(a)}")
     carry = dict(saved)
     carry["state"] = jax.tree.map(jnp.asarray, saved["state"])
     carry["train_key"] = jnp.asarray(saved["train_key"])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metajax._files import atomic_write
+from metajax._tree import dtype_of
 from metajax.types import PyTree
 
 CHECKPOINT_DIR = "checkpoints"
@@ -189,9 +190,9 @@ class Checkpoints:
                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
                              ) from None
         for got, want in zip(leaves, jax.tree.leaves(template), strict=True):
-            if np.shape(got) != np.shape(want) or _dtype(got) != _dtype(want):
-                raise ValueError(f"{where}: checkpoint array {np.shape(got)} {_dtype(got)} "
-                                 f"where the run has {np.shape(want)} {_dtype(want)}")
+            if np.shape(got) != np.shape(want) or dtype_of(got) != dtype_of(want):
+                raise ValueError(f"{where}: checkpoint array {np.shape(got)} {dtype_of(got)} "
+                                 f"where the run has {np.shape(want)} {dtype_of(want)}")
         record = restored.record
         if not isinstance(record, dict):
             raise ValueError(f"{where}: checkpoint record is not a JSON object")
@@ -200,8 +201,3 @@ class Checkpoints:
     def close(self) -> None:
         """Finish pending work and release orbax's resources."""
         self._manager.close()
-
-
-def _dtype(x) -> np.dtype:
-    """``x``'s dtype without reading its values (an array may span other processes)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
