@@ -553,3 +553,18 @@ def test_lamaml_writes_the_batch_during_the_first_glance():
     second = new.params["w"] - first
     np.testing.assert_allclose(float(jnp.sum(second)), outer, rtol=1e-5)
     assert float(second[1]) > outer * 1.5 / (replays + 1)  # x1 replayed in the second glance
+
+
+def test_cross_entropy_gradient_is_softmax_minus_one_hot():
+    # A linear model: d loss_i / d w = x_i^T (softmax(x_i w) - one_hot(y_i)), in closed form.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    y = np.array([0, 2, 1, 1, 0], np.int32)
+    loss = cross_entropy_loss(lambda p, inputs: inputs @ p)
+    grad = jax.grad(lambda p: jnp.sum(loss(p, (x, y), jnp.zeros(5, jnp.int32))))(w)
+    z = x.astype(np.float64) @ w
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = x.T.astype(np.float64) @ (p - np.eye(3)[y])
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
