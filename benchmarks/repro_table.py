@@ -67,9 +67,13 @@ _LAMAML_DIFF = (
     "test accuracy on {test} of the 10,000 test images per task; streams from our "
     "generators, not MER's prebuilt files; {rerun}"
 )
-_NOT_RERUN = "the La-MAML rows measured before issue 21's protocol changes, not rerun"
-_RERUN = ("La-MAML rerun on 2026-12-03 with issue 21's memory writes during the first glance "
-          "(C-MAML and ER rows from before)")
+_RERUN = ("La-MAML rerun on 2026-12-03 and C-MAML on 2026-12-04 with issue 21's memory writes "
+          "during the first glance (ER from before: the change does not touch it)")
+_MANY_RERUN = ("La-MAML and C-MAML rerun on 2026-12-04 with issue 21's memory writes during the "
+               "first glance (ER from before: the change does not touch it)")
+_CMAML_RERUN = ("python benchmarks/continual.py --presets rot-mnist-cmaml rot-mnist-sync "
+                "perm-mnist-cmaml perm-mnist-sync --seeds 5 --set test_per_task=2000 --set "
+                "lca_batches=0 --out runs/bench-continual --rerun")
 
 ROWS: tuple[Row, ...] = (
     Row(
@@ -132,46 +136,51 @@ ROWS: tuple[Row, ...] = (
         section=_LAMAML,
         benchmark="MNIST Rotations (20 tasks): retained accuracy of La-MAML / C-MAML / ER",
         paper="ordering La-MAML >= C-MAML >= ER",
-        metajax="77.91 +/- 0.41 / 77.65 +/- 0.67 / 64.16 +/- 0.38 (%, 5 seeds): holds",
+        metajax="77.91 +/- 0.41 / 77.81 +/- 1.10 / 64.16 +/- 0.38 (%, 5 seeds): holds "
+                "within the spread of the first two",
         difference=_LAMAML_DIFF.format(test="2,000", rerun=_RERUN),
         hardware="project CPU (2 cores), 361 s for La-MAML's 5 seeds",
         commands=("python benchmarks/continual.py --presets 'rot-mnist-*' --seeds 5 --set "
-                  "test_per_task=2000 --set lca_batches=0 --out runs/bench-continual",),
+                  "test_per_task=2000 --set lca_batches=0 --out runs/bench-continual",
+                  _CMAML_RERUN),
     ),
     Row(
         section=_LAMAML,
         benchmark="MNIST Permutations (20 tasks): retained accuracy of La-MAML / C-MAML / ER",
         paper="ordering La-MAML >= C-MAML >= ER",
-        metajax="74.12 +/- 0.20 / 74.39 +/- 0.66 / 64.17 +/- 0.80 (%, 5 seeds): La-MAML "
+        metajax="74.12 +/- 0.20 / 74.55 +/- 0.82 / 64.17 +/- 0.80 (%, 5 seeds): La-MAML "
                 "and C-MAML level, both far above ER",
         difference=_LAMAML_DIFF.format(test="2,000", rerun=_RERUN),
         hardware="project CPU (2 cores), 438 s for La-MAML's 5 seeds",
         commands=("python benchmarks/continual.py --presets 'perm-mnist-*' --seeds 5 --set "
-                  "test_per_task=2000 --set lca_batches=0 --out runs/bench-continual",),
+                  "test_per_task=2000 --set lca_batches=0 --out runs/bench-continual",
+                  _CMAML_RERUN),
     ),
     Row(
         section=_LAMAML,
         benchmark="MNIST Many Permutations (100 tasks of 200): retained accuracy of La-MAML / "
                   "C-MAML / ER",
         paper="ordering La-MAML >= C-MAML >= ER",
-        metajax="49.19 +/- 0.37 / 47.18 +/- 0.84 / 37.84 +/- 0.20 (%, 5 seeds): holds",
-        difference=_LAMAML_DIFF.format(test="200", rerun=_NOT_RERUN),
-        hardware="dev CPU (2 cores), 385 s for La-MAML's 5 seeds",
+        metajax="49.64 +/- 0.89 / 47.00 +/- 0.13 / 37.84 +/- 0.20 (%, 5 seeds): holds",
+        difference=_LAMAML_DIFF.format(test="200", rerun=_MANY_RERUN),
+        hardware="project CPU (2 cores, AMD EPYC), 157 s for La-MAML's 5 seeds",
         commands=("python benchmarks/continual.py --presets 'many-mnist-*' --seeds 5 --set "
-                  "test_per_task=200 --set lca_batches=0 --out runs/bench-continual",),
+                  "test_per_task=200 --set lca_batches=0 --out runs/bench-continual",
+                  "python benchmarks/continual.py --presets many-mnist-mer many-mnist-cmaml "
+                  "many-mnist-sync many-mnist-lamaml --seeds 5 --set test_per_task=200 --set "
+                  "lca_batches=0 --out runs/bench-continual --rerun"),
     ),
     Row(
         section="Continual learning: A-GEM's Permuted MNIST (Chaudhry et al. 2019)",
         benchmark="Permuted MNIST (17 tasks), A-GEM: average accuracy, forgetting",
         paper="89.1%, forgetting 0.06",
-        metajax="90.69%, forgetting 0.055 (5.54%)",
-        difference="one seed, not the paper's 5; measured with a ring of the last 250 "
-                   "examples per task and reference draws with replacement (the preset now "
-                   "keeps the authors' 25 per class and draws without replacement; the full "
-                   "row not rerun)",
-        hardware="dev CPU (2 cores), 722 s",
-        commands=("python benchmarks/continual.py --presets agem-pmnist-agem "
-                  "agem-pmnist-finetune --seeds 1 --out runs/bench-continual",),
+        metajax="90.70 +/- 0.35%, forgetting 5.55 +/- 0.36%",
+        difference="5 seeds sharing one stream (the authors' runs redraw the permutations); "
+                   "the authors' ring of 25 per class and reference draws without "
+                   "replacement; our seeded generators",
+        hardware="project CPU (2 cores, AMD EPYC), 747 s for the 5 seeds",
+        commands=("python benchmarks/continual.py --presets agem-pmnist-agem --seeds 5 "
+                  "--out runs/bench-continual",),
     ),
     Row(
         section="Continual learning: Split Omniglot (our protocol)",
