@@ -131,6 +131,50 @@ def test_gem_ignores_zero_rows():
         np.testing.assert_allclose(gem_batch(g, padded, margin), gem_batch(g, G, margin), atol=1e-5)
 
 
+@pytest.mark.parametrize("used", [0, 1, 3, 5, 7])
+def test_gem_on_the_used_rows_equals_the_full_solve(used):
+    # t = 7 rows, those from `used` on zero: the solve on the first rows (rounded up to the
+    # sizes 0-4, 6, 7) equals the one on all rows, for a traced and for a Python `used`.
+    t, p = 7, 120
+    g, G = random_problems(20 + used, BATCH, t, p, 1.0)
+    G[:, used:] = 0.0
+    g32, G32 = jnp.asarray(g, jnp.float32), jnp.asarray(G, jnp.float32)
+    on_rows = jax.jit(jax.vmap(lambda g, G, used: project_gem(g, G, 0.3, used_rows=used),
+                               (0, 0, None)))
+    full = np.asarray(jax.vmap(lambda g, G: project_gem(g, G, 0.3))(g32, G32), np.float64)
+    traced = np.asarray(on_rows(g32, G32, used), np.float64)
+    static = np.asarray(jax.vmap(lambda g, G: project_gem(g, G, 0.3, used_rows=used))(g32, G32))
+    if used:
+        assert np.sum(np.any(np.einsum("btp,bp->bt", G, g) < 0, axis=1)) >= 8
+    np.testing.assert_allclose(traced, full, atol=1e-5 * np.abs(g).max())
+    np.testing.assert_allclose(static, full, atol=1e-5 * np.abs(g).max())
+    if used == 0:
+        np.testing.assert_array_equal(traced, np.asarray(g32, np.float64))
+
+
+def test_gem_used_rows_ignores_the_rows_after_them():
+    # Documented: rows from used_rows on are not constraints (the caller promises zeros).
+    g, G = random_problems(30, BATCH, 4, 60, 0.0)
+    g32, G32 = jnp.asarray(g, jnp.float32), jnp.asarray(G, jnp.float32)
+    first_two = jax.vmap(lambda g, G: project_gem(g, G[:2]))(g32, G32)
+    on_rows = jax.vmap(lambda g, G: project_gem(g, G, used_rows=2))(g32, G32)
+    np.testing.assert_allclose(on_rows, first_two, atol=1e-6)
+    assert not np.allclose(jax.vmap(project_gem)(g32, G32), first_two, atol=1e-3)
+
+
+def test_gem_row_buckets():
+    from metajax.continual.projections import _row_buckets
+
+    assert _row_buckets(1) == [0, 1]
+    assert _row_buckets(5) == [0, 1, 2, 3, 4, 5]
+    assert _row_buckets(20) == [0, 1, 2, 3, 4, 6, 8, 12, 16, 20]
+    for t in range(1, 130):
+        sizes = _row_buckets(t)
+        assert sizes[0] == 0 and sizes[-1] == t and sizes == sorted(set(sizes))
+        # Solving on r rows for `used` rows wastes at most half again: r <= 1.5 used.
+        assert all(b <= max(4, 3 * a // 2) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
 def test_gem_on_pytrees_with_stacked_past_gradients():
     def loss(params, x):
         return jnp.sum(jnp.tanh(x @ params["w"] + params["b"]) ** 2)
@@ -160,6 +204,8 @@ def test_gem_rejects_bad_arguments():
         project_gem(jnp.zeros(3), jnp.zeros((2, 3)), margin=-0.1)
     with pytest.raises(ValueError, match="max_steps"):
         project_gem(jnp.zeros(3), jnp.zeros((2, 3)), max_steps=0)
+    with pytest.raises(ValueError, match=r"used_rows must be in \[0, t=2\]"):
+        project_gem(jnp.zeros(3), jnp.zeros((2, 3)), used_rows=3)
 
 
 # --- GEM: random problems and the KKT conditions ------------------------------------------

@@ -69,8 +69,9 @@ def gem(
        stay zero without a gradient being taken, and empty slots get weight 0, so
        :func:`project_gem` sees no constraint from them. One compiled update serves every
        task, and it costs the gradients of the past tasks only;
-    4. ``g~ = project_gem(g, G, margin=memory_strength, ridge=ridge)``: the closest update
-       with ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
+    4. ``g~ = project_gem(g, G, margin=memory_strength, ridge=ridge, used_rows=t)``: the
+       closest update with ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference
+       code), solved on the ``t`` past tasks' rows (rounded up to one of a few sizes);
     5. one optimiser step on ``g~`` (plain SGD in the paper).
 
     Args:
@@ -127,9 +128,12 @@ def gem(
         # Only past tasks constrain the step: the rows of G for tasks >= task_id stay zero and
         # their gradients are never taken (the loop runs task_id times).
         zeros = jax.tree.map(lambda p: jnp.zeros((num_tasks, *p.shape), p.dtype), state.params)
-        G = jax.lax.fori_loop(0, jnp.clip(task_id, 0, num_tasks), past_grad, zeros)
-        dots = past_task_dots(g, G)  # the same product project_gem tests (XLA computes it once)
-        projected = project_gem(g, G, margin=memory_strength, ridge=ridge)
+        past = jnp.clip(task_id, 0, num_tasks)
+        G = jax.lax.fori_loop(0, past, past_grad, zeros)
+        dots = past_task_dots(g, G)
+        # The dual is solved on the rows of the tasks seen so far only (rounded up to one of a
+        # few sizes): its QR costs grow with the square of the rows, zero rows included.
+        projected = project_gem(g, G, margin=memory_strength, ridge=ridge, used_rows=past)
         updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "violated": jnp.any(dots < 0)}

@@ -80,7 +80,10 @@ def past_task_dots(g: PyTree, G: PyTree) -> jax.Array:
     """
     G_leaves = jax.tree.leaves(G)
     t = G_leaves[0].shape[0]
-    return _matvec(_flatten(G_leaves, t), _flatten(jax.tree.leaves(g)))
+    # Leaf by leaf, summed: raveling G into one [t, p] buffer first would copy all of it.
+    dots = [_matvec(upcast(b).reshape(t, -1), upcast(a).reshape(-1))
+            for a, b in zip(jax.tree.leaves(g), G_leaves, strict=True)]
+    return sum(dots[1:], dots[0])
 
 
 def nnls(A: jax.Array, b: jax.Array, max_steps: int | None = None) -> jax.Array:
@@ -162,6 +165,7 @@ def project_gem(
     *,
     ridge: float | jax.Array = 0.0,
     max_steps: int | None = None,
+    used_rows: int | jax.Array | None = None,
 ) -> PyTree:
     """GEM's projection of the current gradient onto the cone of past-task gradients.
 
@@ -205,7 +209,17 @@ def project_gem(
       ridge: added to the diagonal of ``G G^T``. The reference code adds ``1e-3`` because
         ``quadprog`` needs a positive definite matrix; :func:`nnls` does not, so the default
         is ``0`` (the exact projection); pass ``1e-3`` to match the reference.
-      max_steps: steps of the active-set solver :func:`nnls` (default ``3 * t + 3``).
+      max_steps: steps of the active-set solver :func:`nnls` (default ``3 * t + 3``, ``t``
+        the rows solved on).
+      used_rows: optional int (may be traced): only the first ``used_rows`` rows of ``G`` may
+        be nonzero, as in GEM's fixed-shape ``G`` whose rows are the tasks seen so far. The
+        solve then runs on the first ``r`` rows only, ``r`` the smallest of a few fixed sizes
+        (1-4, then about 1.5 times the last: 6, 8, 12, 16, ...; ``t`` at most) that covers
+        ``used_rows``, chosen at run time by ``lax.switch``; each size compiles once. The
+        result is the same as without it (rows of zeros constrain nothing) but the QR and the
+        dual are solved on ``r`` rows instead of ``t`` (for a 5-task stream after its second
+        task: 2 rows instead of 5, several times faster). Nonzero rows from ``used_rows`` on
+        would be ignored.
 
     Returns:
       ``g~``, same structure, shapes and dtypes as ``g``.
@@ -227,9 +241,40 @@ def project_gem(
                 f"G leaf has shape {jnp.shape(b)}, expected [t={t}, *{list(jnp.shape(a))}] "
                 "(one stacked past-task gradient per row)"
             )
+    if isinstance(used_rows, numbers.Integral) and not isinstance(used_rows, bool):
+        if not 0 <= used_rows <= t:
+            raise ValueError(f"used_rows must be in [0, t={t}], got {used_rows}")
     if t == 0:
         return g
+    if used_rows is None:
+        return _project_gem(g, g_leaves, G_leaves, t, margin, ridge, max_steps)
+    sizes = _row_buckets(t)
 
+    def on_rows(r):
+        if r == 0:
+            return lambda: g
+        return lambda: _project_gem(g, g_leaves, [b[:r] for b in G_leaves], r, margin, ridge,
+                                    max_steps)
+
+    used = jnp.clip(jnp.asarray(used_rows, jnp.int32), 0, t)
+    index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), used, side="left")
+    projected = jax.lax.switch(index, [on_rows(r) for r in sizes])
+    return jax.tree.map(lambda a, b: b.astype(a.dtype), g, projected)
+
+
+def _row_buckets(t: int) -> list[int]:
+    """The row counts :func:`project_gem` may solve on for ``used_rows`` in ``[0, t]``: 0-4,
+    then each about 1.5 times the last (6, 8, 12, 16, 24, 32, ...), and ``t``."""
+    sizes = [0, 1, 2, 3, 4]
+    while sizes[-1] < t:  # powers of two and 1.5 times powers of two
+        last = sizes[-1]
+        sizes.append(last * 3 // 2 if last & (last - 1) == 0 else last * 4 // 3)
+    return sorted({min(r, t) for r in sizes})
+
+
+def _project_gem(g, g_leaves, G_leaves, t, margin, ridge, max_steps):
+    """:func:`project_gem` on checked arguments, ``t >= 1`` rows."""
+    G = jax.tree.unflatten(jax.tree.structure(g), G_leaves)
     G_flat = _flatten(G_leaves, t)
     g_flat = _flatten(g_leaves)
     dtype = g_flat.dtype
