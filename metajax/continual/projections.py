@@ -258,8 +258,7 @@ def project_gem(
 
     used = jnp.clip(jnp.asarray(used_rows, jnp.int32), 0, t)
     index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), used, side="left")
-    projected = jax.lax.switch(index, [on_rows(r) for r in sizes])
-    return jax.tree.map(lambda a, b: b.astype(a.dtype), g, projected)
+    return jax.lax.switch(index, [on_rows(r) for r in sizes])
 
 
 def _row_buckets(t: int) -> list[int]:
