@@ -352,6 +352,46 @@ def test_gem_step_raises_no_past_task_loss_to_first_order():
     assert float(plain) < 0  # without the projection, task 0's loss would rise
 
 
+def test_gem_step_is_the_projection_on_exactly_the_past_tasks():
+    """At every task of a 7-task stream (row sizes 0-4, 6, 7: task 5 solves on 6 rows, its own
+    included), the step is ``project_gem`` of the incoming gradient against the gradients of
+    the tasks before it only: neither the current task's freshly written memory nor a later
+    task's contributes, and one compiled update serves every task id."""
+    from metajax.continual.projections import project_gem
+
+    lr, margin, T, n = 0.1, 0.5, 7, 4
+    cl = gem(LOSS, optax.sgd(lr), memory_per_task=n, memory_strength=margin)
+    state = cl.init(mlp(KEY), KEY, EXAMPLE, T)
+    update = jax.jit(cl.update)
+    xs = jax.random.normal(jax.random.PRNGKey(5), (T, n, D))
+    ys = jax.random.randint(jax.random.PRNGKey(6), (T, n), 0, C)
+    # Later tasks' slots already hold data: they must still constrain nothing.
+    state = state._replace(memory=state.memory._replace(x=xs[::-1], y=ys[::-1]))
+
+    def mean_grad(params, batch, k):
+        return jax.grad(lambda p: jnp.mean(LOSS(p, batch, jnp.full(n, k, jnp.int32))))(params)
+
+    violated = []
+    for t in range(T):
+        params = state.params
+        batch = (xs[t], (ys[t] + 1) % C)
+        state, metrics = update(state, batch, jnp.int32(t))
+        g = mean_grad(params, batch, t)
+        past = [mean_grad(params, (state.memory.x[k], state.memory.y[k]), k) for k in range(t)]
+        step = jax.tree.map(lambda new, old: (old - new) / lr, state.params, params)
+        if past:
+            G = jax.tree.map(lambda *rows: jnp.stack(rows), *past)
+            expected = project_gem(g, G, margin)
+            dots = np.array([float(tree_dot(row, g)) for row in past])
+            assert float(metrics["violated"]) == float(np.any(dots < 0))
+            violated.append(bool(np.any(dots < 0)))
+        else:
+            expected = g
+            assert float(metrics["violated"]) == 0.0
+        leaves_close(step, expected, rtol=2e-4, atol=2e-6)
+    assert any(violated)  # some projection was exercised
+
+
 def test_gem_ridge_is_the_reference_dual():
     """``ridge`` reaches the dual: the step is ``project_gem(..., ridge=ridge)`` of the
     incoming gradient (the reference code's ``eps``), and differs from the exact one."""

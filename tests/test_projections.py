@@ -162,14 +162,14 @@ def test_gem_used_rows_ignores_the_rows_after_them():
     assert not np.allclose(jax.vmap(project_gem)(g32, G32), first_two, atol=1e-3)
 
 
-def test_gem_row_buckets():
-    from metajax.continual.projections import _row_buckets
+def test_gemrow_buckets():
+    from metajax.continual.projections import row_buckets
 
-    assert _row_buckets(1) == [0, 1]
-    assert _row_buckets(5) == [0, 1, 2, 3, 4, 5]
-    assert _row_buckets(20) == [0, 1, 2, 3, 4, 6, 8, 12, 16, 20]
+    assert row_buckets(1) == [0, 1]
+    assert row_buckets(5) == [0, 1, 2, 3, 4, 5]
+    assert row_buckets(20) == [0, 1, 2, 3, 4, 6, 8, 12, 16, 20]
     for t in range(1, 130):
-        sizes = _row_buckets(t)
+        sizes = row_buckets(t)
         assert sizes[0] == 0 and sizes[-1] == t and sizes == sorted(set(sizes))
         # Solving on r rows for `used` rows wastes at most half again: r <= 1.5 used.
         assert all(b <= max(4, 3 * a // 2) for a, b in zip(sizes[:-1], sizes[1:], strict=True))

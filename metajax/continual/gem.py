@@ -28,7 +28,7 @@ from metajax.continual.memory import (
     episodic_init,
     episodic_valid,
 )
-from metajax.continual.projections import past_task_dots, project_gem
+from metajax.continual.projections import past_task_dots, project_gem, row_buckets
 from metajax.types import Batch, PyTree
 
 
@@ -63,15 +63,17 @@ def gem(
     1. ``M_t <- M_t u (x, y)``: ring-write the batch into task ``t``'s ``memory_per_task``
        slots (the reference code writes before computing gradients, as here);
     2. ``g``: gradient of the incoming batch's mean loss;
-    3. ``G [num_tasks, ...]``: row ``k`` the gradient of the mean loss over every stored
-       example of task ``k`` (the whole ``M_k``, not a sample), for ``k < t``. Rows are
-       computed task by task (a ``fori_loop`` of ``t`` steps); the rows of tasks ``>= t``
-       stay zero without a gradient being taken, and empty slots get weight 0, so
+    3. ``G [r, ...]``: row ``k`` the gradient of the mean loss over every stored example
+       of task ``k`` (the whole ``M_k``, not a sample), for ``k < t``. The rows are taken
+       at once (a ``vmap`` over tasks) for the first ``r`` tasks, ``r`` the smallest of
+       :func:`~metajax.continual.projections.row_buckets` covering ``t`` (0-4, 6, 8, 12,
+       ...: one compiled branch per size, chosen by ``lax.switch``); the rows of tasks
+       ``>= t`` among them and empty slots get weight 0 and come out zero, so
        :func:`project_gem` sees no constraint from them. One compiled update serves every
-       task, and it costs the gradients of the past tasks only;
-    4. ``g~ = project_gem(g, G, margin=memory_strength, ridge=ridge, used_rows=t)``: the
-       closest update with ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference
-       code), solved on the ``t`` past tasks' rows (rounded up to one of a few sizes);
+       task, and neither the gradients nor the dual cost anything for tasks not yet seen
+       beyond the rounding of ``r``;
+    4. ``g~ = project_gem(g, G, margin=memory_strength, ridge=ridge)``: the closest update
+       with ``G g~ >= 0``, only when some ``(G g)_k < 0`` (as the reference code);
     5. one optimiser step on ``g~`` (plain SGD in the paper).
 
     Args:
@@ -113,30 +115,38 @@ def gem(
         def incoming(params):
             return jnp.mean(example_losses(loss_fn, params, batch, task))
 
-        def past_grad(k, G):
-            x, y = jax.tree.map(lambda leaf: leaf[k], (memory.x, memory.y))
-            w = weights[k]
-
+        def past_grad(x, y, w, k):
             def past_loss(params):
                 losses = example_losses(loss_fn, params, (x, y), task_vector(k, w.shape[0]))
                 return weighted_mean(losses, w)
 
-            return jax.tree.map(lambda rows, row: rows.at[k].set(row), G,
-                                jax.grad(past_loss)(state.params))
+            return jax.grad(past_loss)(state.params)
+
+        def on_rows(r):
+            # G [r, ...]: the gradients of tasks 0 .. r - 1, all at once; rows of tasks >= the
+            # current one have weight 0 everywhere and come out zero, constraining nothing.
+            def solve():
+                if r == 0:
+                    return g, jnp.zeros((), bool)
+                rows = jax.tree.map(lambda leaf: leaf[:r], (memory.x, memory.y))
+                G = jax.vmap(past_grad)(*rows, weights[:r], tasks[:r])
+                violated = jnp.any(past_task_dots(g, G) < 0)
+                return project_gem(g, G, margin=memory_strength, ridge=ridge), violated
+
+            return solve
 
         loss, g = jax.value_and_grad(incoming)(state.params)
-        # Only past tasks constrain the step: the rows of G for tasks >= task_id stay zero and
-        # their gradients are never taken (the loop runs task_id times).
-        zeros = jax.tree.map(lambda p: jnp.zeros((num_tasks, *p.shape), p.dtype), state.params)
+        # Only past tasks constrain the step, and the work is sized to them: G holds the
+        # first r tasks' rows, r the smallest of a few sizes (0-4, 6, 8, 12, ...) covering
+        # task_id, one compiled branch per size, so neither the gradients nor the dual's QR
+        # cost anything for the tasks not yet seen.
+        sizes = row_buckets(num_tasks)
         past = jnp.clip(task_id, 0, num_tasks)
-        G = jax.lax.fori_loop(0, past, past_grad, zeros)
-        dots = past_task_dots(g, G)
-        # The dual is solved on the rows of the tasks seen so far only (rounded up to one of a
-        # few sizes): its QR costs grow with the square of the rows, zero rows included.
-        projected = project_gem(g, G, margin=memory_strength, ridge=ridge, used_rows=past)
+        index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), past, side="left")
+        projected, violated = jax.lax.switch(index, [on_rows(r) for r in sizes])
         updates, opt_state = optimizer.update(projected, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "violated": jnp.any(dots < 0)}
+        metrics = {"loss": loss, "violated": violated}
         return GEMState(params, opt_state, memory, state.step + 1), float_metrics(metrics)
 
     return ContinualLearner(init, update)

@@ -248,7 +248,7 @@ def project_gem(
         return g
     if used_rows is None:
         return _project_gem(g, g_leaves, G_leaves, t, margin, ridge, max_steps)
-    sizes = _row_buckets(t)
+    sizes = row_buckets(t)
 
     def on_rows(r):
         if r == 0:
@@ -261,7 +261,7 @@ def project_gem(
     return jax.lax.switch(index, [on_rows(r) for r in sizes])
 
 
-def _row_buckets(t: int) -> list[int]:
+def row_buckets(t: int) -> list[int]:
     """The row counts :func:`project_gem` may solve on for ``used_rows`` in ``[0, t]``: 0-4,
     then each about 1.5 times the last (6, 8, 12, 16, 24, 32, ...), and ``t``."""
     sizes = [0, 1, 2, 3, 4]
