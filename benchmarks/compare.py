@@ -1,7 +1,7 @@
 """metajax against its PyTorch peers, side by side in one session: the ratio table.
 
     bash benchmarks/peers/setup.sh                 # once: the peers' own venv
-    python benchmarks/compare.py [--rounds 2] [--rows maml-2nd,agem,...] [--write]
+    python benchmarks/compare.py [--rounds 2] [--rows maml-2nd,agem,...] [--cores 0] [--write]
 
 Every row runs metajax (``benchmarks/speed.py``) and each peer (``benchmarks/peers/``) one
 after the other, A B C A B C, for ``--rounds`` rounds, so that the machine's drift falls on
@@ -10,6 +10,11 @@ and its ratio is metajax's over the fastest peer's. Every JSON line is appended 
 ``benchmarks/results/speed.jsonl``; ``--write`` also puts the table, with the machine, the
 versions and the date, into ``benchmarks/RESULTS.md`` (between the ``speed-table`` markers).
 The peers stay out of the project's dependencies and out of CI.
+
+``--cores LIST`` (a ``taskset`` CPU list, e.g. ``0``) pins every implementation alike to
+those cores, the peers with as many torch threads; the lines record it as ``cores``, the
+table is printed and, with ``--write``, goes under the ``speed-table-pinned`` markers
+instead, and the default table keeps only unpinned runs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 LINES = HERE / "results" / "speed.jsonl"
 BEGIN, END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
+PINNED = "<!-- speed-table-pinned:begin -->", "<!-- speed-table-pinned:end -->"
 
 MAML = ["--ways", "5", "--shots", "1", "--query", "15", "--meta-batch", "32"]
 MAML_PEERS = ("learn2learn", "func-loop", "func-vmap")
@@ -100,7 +106,18 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model or platform.processor()}"
 
 
-def table(results: dict[str, dict[str, list[dict]]], rounds: int) -> str:
+def cpu_count(cores: str) -> int:
+    """The number of CPUs in a ``taskset`` list such as ``0``, ``0,1`` or ``0-3``."""
+    n = 0
+    for part in cores.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"--cores must be a CPU list such as 0, 0,1 or 0-3, got {cores!r}")
+        n += int(high) - int(low) + 1 if high else 1
+    return n
+
+
+def table(results: dict[str, dict[str, list[dict]]], rounds: int, cores: str | None = None) -> str:
     rows = ["| row | unit | metajax | fastest peer | ratio | all peers (median) | metajax "
             "fraction of peak | metajax compile s |", "| --- " * 8 + "|"]
     versions = {}
@@ -130,19 +147,22 @@ def table(results: dict[str, dict[str, list[dict]]], rounds: int) -> str:
             f"{all_peers} | {frac:.3f} | {comp:.1f} |" if ours and best else
             f"| {desc} | {unit} | {ours} | n/a | n/a | {all_peers} | {frac} | {comp} |"
         )
-    head = (f"Measured by `python benchmarks/compare.py --rounds {rounds} --write` on "
-            f"{time.strftime('%Y-%m-%d')}, {machine()}; " + ", ".join(
+    pinned = f" --cores {cores}" if cores else ""
+    where = machine() + (f", pinned to CPU {cores}" if cores else "")
+    head = (f"Measured by `python benchmarks/compare.py --rounds {rounds}{pinned} --write` on "
+            f"{time.strftime('%Y-%m-%d')}, {where}; " + ", ".join(
                 f"{k} {v}" for k, v in sorted(versions.items())) +
             ". Medians over the rounds, implementations alternating within each round.")
     return head + "\n\n" + "\n".join(rows)
 
 
-def write_results(text: str) -> None:
-    block = f"{BEGIN}\n{text}\n{END}"
+def write_results(text: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    begin, end = markers
+    block = f"{begin}\n{text}\n{end}"
     body = RESULTS.read_text()
-    if BEGIN in body and END in body:
-        before, rest = body.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
+    if begin in body and end in body:
+        before, rest = body.split(begin, 1)
+        after = rest.split(end, 1)[1]
         body = before + block + after
     else:
         body = body.rstrip() + "\n\n## Speed against the PyTorch peers\n\n" + block + "\n"
@@ -154,7 +174,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument("--cores", default=None,
+                        help="pin every implementation to these CPUs (taskset list, e.g. 0)")
     args = parser.parse_args(argv)
+    pin: list[str] = []
+    threads: list[str] = []
+    if args.cores:
+        try:
+            threads = ["--threads", str(cpu_count(args.cores))]
+        except ValueError as err:
+            sys.exit(f"compare.py: {err}")
+        pin = ["taskset", "-c", args.cores]
     names = [x for x in args.rows.split(",") if x]
     unknown = [x for x in names if x not in ROWS]
     if unknown or args.rounds < 1:
@@ -165,14 +195,14 @@ def main(argv=None) -> None:
     for r in range(args.rounds):
         for name in names:
             _, _, ours, script, theirs, impls = ROWS[name]
-            cmds = {"metajax": [sys.executable, str(HERE / "speed.py"), *ours]}
+            cmds = {"metajax": [*pin, sys.executable, str(HERE / "speed.py"), *ours]}
             for impl in impls:
-                cmds[impl] = [str(peer), str(HERE / "peers" / script), *(
+                cmds[impl] = [*pin, str(peer), str(HERE / "peers" / script), *(
                     [theirs[0], "--impl", impl, *theirs[1:]] if script == "stream.py"
-                    else ["--impl", impl, *theirs])]
+                    else ["--impl", impl, *theirs]), *threads]
             for impl, cmd in cmds.items():
                 line = run_json(cmd)
-                line.update(row=name, round=r, impl_name=impl)
+                line.update(row=name, round=r, impl_name=impl, cores=args.cores)
                 results[name].setdefault(impl, []).append(line)
                 LINES.parent.mkdir(parents=True, exist_ok=True)
                 with LINES.open("a") as f:
@@ -180,15 +210,16 @@ def main(argv=None) -> None:
                 print(f"[round {r}] {name:10s} {impl:12s} "
                       f"{rate(line) if 'error' not in line else line['error']}",
                       file=sys.stderr, flush=True)
-    text = table(latest_results(names, results), args.rounds)
+    text = table(latest_results(names, results, args.cores), args.rounds, args.cores)
     print(text)
     if args.write:
-        write_results(text)
+        write_results(text, PINNED if args.cores else (BEGIN, END))
 
 
-def latest_results(names: list[str], fresh: dict) -> dict:
-    """This run's rows, plus the latest run of every other row in ``speed.jsonl``, so that
-    re-running some rows keeps the rest of the table (each row from one alternating run)."""
+def latest_results(names: list[str], fresh: dict, cores: str | None = None) -> dict:
+    """This run's rows, plus the latest run of every other row in ``speed.jsonl`` made with
+    the same ``cores``, so that re-running some rows keeps the rest of the table (each row
+    from one alternating run)."""
     lines = [json.loads(x) for x in LINES.read_text().splitlines() if x.strip()] \
         if LINES.exists() else []
     out = {}
@@ -196,7 +227,7 @@ def latest_results(names: list[str], fresh: dict) -> dict:
         if name in names:
             out[name] = fresh[name]
             continue
-        rows = [x for x in lines if x.get("row") == name]
+        rows = [x for x in lines if x.get("row") == name and x.get("cores") == cores]
         starts = [i for i, x in enumerate(rows)
                   if x.get("round") == 0 and x.get("impl_name") == "metajax"]
         if starts:
